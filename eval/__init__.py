@@ -1,0 +1,1 @@
+"""The harness layer (installed as ``vlprune.eval``): examples, evaluation, demo and benchmarks."""

@@ -1,0 +1,195 @@
+"""HF ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout: CLIP tower, MLP projector, one LM).
+
+How a pruned call runs (``forward`` or ``generate`` with ``pixel_values``):
+1. the vision tower runs once, unchanged; q/k hooks compute only the signals the method asked for;
+2. a pre-hook on the projector hands the ``vision_feature_layer`` patch features to the method and
+   passes only the k survivors on, so the projector runs on k tokens;
+3. the LM sequence is rebuilt with k placeholders per image (ids or embeddings, attention mask,
+   labels, position ids and every other per-position tensor shortened with one keep mask), and the
+   original ``forward``/``generate`` runs on it with the projected survivors as ``mm_encoder_outputs``.
+``generate`` then puts the caller's full prompt back in front of the new tokens, so its output
+contract (prompt ids + new ids) is unchanged. Nothing is monkeypatched at class level: the wrappers
+are instance attributes recorded in the ledger.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.patcher import ImageRecord, Patcher
+from vlprune.registry import register_patcher
+from vlprune.select import grid_shape
+from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
+
+from ._clip import ClipTaps
+
+SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "labels": -100, "position_ids": 0}
+
+
+def named_arguments(signature: inspect.Signature, args, kwargs) -> dict:
+    """Positional + keyword arguments of a call as one name -> value dict (``**kwargs`` flattened)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return dict(bound)
+
+
+def wrap_method(patcher, obj, name: str, impl):
+    """Install ``impl(original, **named_args)`` as an instance-level ``obj.name`` (recorded for undo)."""
+    original = getattr(obj, name)
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)  # keeps the signature that generate() inspects (position_ids etc.)
+    def wrapper(*args, **kwargs):
+        return impl(original, named_arguments(signature, args, kwargs))
+
+    patcher.ledger.set_attr(obj, name, wrapper)
+
+
+@register_patcher("LlavaForConditionalGeneration")
+class LlavaHF(Patcher):
+    def install(self):
+        model = self.model
+        self.inner = model.model
+        tower = self.inner.vision_tower
+        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
+            raise VlpruneError(
+                f"LlavaForConditionalGeneration with a {type(tower).__name__} vision tower is not supported; "
+                "supported: CLIP-style towers (CLIPVisionModel / SiglipVisionModel layout)"
+            )
+        self.layers = tower.encoder.layers
+        vcfg = tower.config
+        self.patches_per_image = (vcfg.image_size // vcfg.patch_size) ** 2
+        self._busy = False
+        self._selection = None
+        self.taps = ClipTaps(self.layers, self.handle.method.signals(), self.ledger, lambda: self._busy)
+        self.ledger.hook(self.inner.multi_modal_projector.register_forward_pre_hook(self._on_projector))
+        wrap_method(self, model, "forward", self._forward)
+        wrap_method(self, model, "generate", self._generate)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _on_projector(self, _module, args):
+        if not self._busy:
+            return None
+        feats = args[0]
+        survivors, self._selection = self.prune(feats, grid_shape(feats.shape[1]), self.taps.take())
+        return (survivors,)
+
+    # -- the pruned call --------------------------------------------------------------------------
+    def _image_mask(self, ids, embeds):
+        token = self.model.config.image_token_id
+        if ids is not None:
+            return ids == token
+        ref = self.inner.get_input_embeddings()(torch.tensor(token, device=embeds.device))
+        return (embeds == ref).all(-1)
+
+    def _prepare(self, kw: dict, generating: bool):
+        """Turn a call with ``pixel_values`` into one on the shortened sequence. Returns (kwargs, dropped)."""
+        cfg = self.model.config
+        pixel_values = kw["pixel_values"]
+        if kw.get("image_sizes") is not None:
+            raise VlpruneError("image_sizes is not used by LLaVA-1.5 models and is not supported by the llava_hf patcher")
+        layer = kw.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        if strategy != "default":
+            raise VlpruneError(
+                f"vision_feature_select_strategy={strategy!r} is not supported for pruning (supported: 'default', "
+                "which feeds the patch tokens without [CLS])"
+            )
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if ids is None and embeds is None:
+            raise VlpruneError("pass input_ids or inputs_embeds together with pixel_values")
+        image_mask = self._image_mask(ids, embeds)
+        n = self.patches_per_image
+        blocks = placeholder_positions(image_mask, n)
+        if len(blocks) != pixel_values.shape[0]:
+            raise VlpruneError(
+                f"image features and placeholders do not match: {pixel_values.shape[0]} images in pixel_values, "
+                f"placeholders for {len(blocks)} images of {n} tokens each in the prompt"
+            )
+        rows = [int(r) for r in torch.stack([b[0, 0] for b in blocks]).tolist()] if blocks else []
+        k = self.keep_count(n)
+        if k >= n:  # the identity: nothing runs differently from the unpatched model
+            full = torch.arange(n, device=image_mask.device)
+            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]
+            return kw, 0
+
+        self._busy = True
+        try:
+            feats = self.inner.get_image_features(
+                pixel_values=pixel_values, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, return_dict=True,
+            )
+            sel = self._selection
+        finally:
+            self._busy, self._selection = False, None
+            self.taps.take()
+
+        keep = keep_mask(image_mask, blocks, list(sel.indices))
+        kw = dict(kw)
+        kw.pop("pixel_values")
+        kw["mm_encoder_outputs"] = {"image": feats}
+        mask = kw.get("attention_mask")
+        pos = kw.get("position_ids")
+        if pos is None and self.handle.config.positions == "original":
+            # the ids the unpatched model would have used: generate() derives them from the mask,
+            # the LM's forward counts 0..L-1
+            if generating and mask is not None:
+                pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            else:
+                pos = torch.arange(keep.shape[1], device=keep.device).expand(keep.shape[0], -1)
+        if pos is not None and self.handle.config.positions == "contiguous":
+            pos = pos - (~keep).long().cumsum(1)  # close the gaps the dropped tokens leave
+        kw["position_ids"] = pos
+
+        length = keep.shape[1]
+        pad_id = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+        if pad_id == cfg.image_token_id:
+            pad_id = 0 if cfg.image_token_id != 0 else 1
+        pads = dict(SEQUENCE_PADS, input_ids=pad_id)
+        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw}
+        for name, value in kw.items():  # any other per-position tensor (token types, ...)
+            if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
+                tensors[name] = (value, 0)
+        kw.update(compact(keep, tensors, is_right_padded(mask)))
+
+        self.handle.last = [
+            ImageRecord(row=r, before=n, after=k, kept=sel.indices[i],
+                        scores=None if sel.scores is None else sel.scores[i])
+            for i, r in enumerate(rows)
+        ]
+        new_len = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
+        return kw, length - new_len
+
+    def _forward(self, original, kw):
+        if not self.enabled or kw.get("pixel_values") is None:
+            return original(**kw)
+        kw, _ = self._prepare(kw, generating=False)
+        return original(**kw)
+
+    def _generate(self, original, kw):
+        if not self.enabled or kw.get("pixel_values") is None:
+            return original(**kw)
+        inputs = kw.pop("inputs", None)
+        if inputs is not None:
+            kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs
+        prompt = kw.get("input_ids")
+        kw, dropped = self._prepare(kw, generating=True)
+        if dropped == 0:
+            return original(**kw)
+        if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
+            kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
+        out = original(**kw)
+        if prompt is None:  # embeddings in: generate returns only the new tokens, as unpatched
+            return out
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        full = torch.cat([prompt, seqs[:, kw["input_ids"].shape[1]:]], dim=1)
+        if hasattr(out, "sequences"):
+            out.sequences = full
+            return out
+        return full

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def llava_path(tmp_path_factory):
+    """A tiny random LLaVA saved with save_pretrained (loaded back by each user of it)."""
+    path = tmp_path_factory.mktemp("tiny-llava")
+    tiny.build_llava(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def _shared_llava(llava_path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(llava_path).eval()
+
+
+@pytest.fixture
+def llava(_shared_llava):
+    """The shared tiny LLaVA; any patch a test leaves behind is removed and reported as a failure."""
+    yield _shared_llava
+    leftover = _shared_llava.__dict__.get("_vlprune")
+    if leftover is not None:
+        leftover.remove()
+        pytest.fail("test left a patch installed")

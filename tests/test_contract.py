@@ -1,0 +1,202 @@
+"""The promises every registered method keeps on every patcher (here: HF LLaVA-1.5)."""
+import pytest
+import torch
+
+import vlprune
+from tiny import IMAGE_TOKEN, batch, pixels, prompt
+
+METHODS = sorted(vlprune.methods())
+N = 16  # patches per tiny image
+
+
+def run(model, ids, mask, pv, **kw):
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pv, **kw)
+
+
+def gen(model, ids, mask, pv, **kw):
+    kw.setdefault("max_new_tokens", 6)
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, do_sample=False, **kw)
+
+
+class LMInputs:
+    """Records what reaches the language model: sequence length, embeddings, position ids."""
+
+    def __init__(self, model):
+        self.calls = []
+        self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _m, _args, kwargs):
+        self.calls.append({"embeds": kwargs["inputs_embeds"], "position_ids": kwargs.get("position_ids")})
+
+    def close(self):
+        self._h.remove()
+
+
+def hook_state(model):
+    """Every hook on every module (transformers installs its own output-capture hooks lazily)."""
+    return [(name, list(m._forward_hooks.values()), list(m._forward_pre_hooks.values()))
+            for name, m in model.named_modules()]
+
+
+def no_hooks_left(model, before):
+    assert hook_state(model) == before
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__ and "_vlprune" not in model.__dict__
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_image_positions_reaching_lm_are_k_per_image(llava, method):
+    ids, mask = batch([prompt(n_images=2)])
+    rec = LMInputs(llava)
+    try:
+        with vlprune.pruned(llava, method, ratio=0.75) as h:
+            run(llava, ids, mask, pixels(2))
+            assert [(r.before, r.after, r.row) for r in h.last] == [(N, 4, 0), (N, 4, 0)]
+    finally:
+        rec.close()
+    assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - 4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_indices_unique_sorted_in_range(llava, method):
+    ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
+    with vlprune.pruned(llava, method, keep=5) as h:
+        run(llava, ids, mask, pixels(2))
+        for r in h.last:
+            kept = r.kept.tolist()
+            assert len(kept) == 5 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < N
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_zero_is_bit_identical(llava, method):
+    ids, mask = batch([prompt()])
+    pv = pixels(1)
+    ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
+    with vlprune.pruned(llava, method, ratio=0.0) as h:
+        assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
+        assert torch.equal(gen(llava, ids, mask, pv), ref_ids)
+        assert h.last[0].after == N
+    with vlprune.pruned(llava, method, keep=N):
+        assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_bit_identical(llava, method):
+    ids, mask = batch([prompt()])
+    pv = pixels(1)
+    ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
+    before = hook_state(llava)
+    h = vlprune.patch(llava, method, ratio=0.5)
+    pruned_ids = gen(llava, ids, mask, pv)
+    assert pruned_ids.shape[1] == ref_ids.shape[1]
+    h.remove()
+    h.remove()  # harmless
+    assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
+    assert torch.equal(gen(llava, ids, mask, pv), ref_ids)
+    no_hooks_left(llava, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_keeps_output_contract(llava, method):
+    ids, mask = batch([prompt()])
+    with vlprune.pruned(llava, method, ratio=0.75):
+        out = gen(llava, ids, mask, pixels(1), max_new_tokens=4)
+        assert out.shape == (1, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
+        dict_out = gen(llava, ids, mask, pixels(1), max_new_tokens=4, return_dict_in_generate=True)
+        assert torch.equal(dict_out.sequences, out)
+        # max_length counts the caller's prompt, as unpatched
+        assert gen(llava, ids, mask, pixels(1), max_new_tokens=None, max_length=ids.shape[1] + 3).shape[1] == ids.shape[1] + 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_with_left_padding_equals_single_runs(llava, method):
+    prompts = [prompt(text_before=(1, 7, 8, 9, 10, 11)), prompt(text_before=(1,))]
+    pv = pixels(2)
+    with vlprune.pruned(llava, method, ratio=0.5):
+        singles = [gen(llava, *batch([p]), pv[i : i + 1]) for i, p in enumerate(prompts)]
+        ids, mask = batch(prompts)
+        both = gen(llava, ids, mask, pv)
+    for i, single in enumerate(singles):
+        assert torch.equal(both[i, -6:], single[0, -6:])
+        assert torch.equal(both[i, : ids.shape[1]], ids[i])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_with_different_image_counts_repads(llava, method):
+    prompts = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=(1, 8, 9))]
+    pv = pixels(3)
+    with vlprune.pruned(llava, method, ratio=0.5) as h:
+        singles = [gen(llava, *batch([prompts[0]]), pv[:2]), gen(llava, *batch([prompts[1]]), pv[2:])]
+        ids, mask = batch(prompts)
+        both = gen(llava, ids, mask, pv)
+        assert [r.row for r in h.last] == [0, 0, 1]
+    for i, single in enumerate(singles):
+        assert torch.equal(both[i, -6:], single[0, -6:])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_with_cache_equals_without(llava, method):
+    ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
+    with vlprune.pruned(llava, method, ratio=0.5):
+        assert torch.equal(gen(llava, ids, mask, pixels(2), use_cache=True), gen(llava, ids, mask, pixels(2), use_cache=False))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_context_manager_restores_on_exception(llava, method):
+    ids, mask = batch([prompt()])
+    ref = run(llava, ids, mask, pixels(1)).logits
+    before = hook_state(llava)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vlprune.pruned(llava, method, ratio=0.5):
+            run(llava, ids, mask, pixels(1))
+            raise RuntimeError("boom")
+    no_hooks_left(llava, before)
+    assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_survivors_are_the_projected_selection(llava, method):
+    """The LM receives projector(selected encoder features) at the kept placeholders, text untouched."""
+    ids, mask = batch([prompt()])
+    pv = pixels(1)
+    rec = LMInputs(llava)
+    try:
+        run(llava, ids, mask, pv)
+        with vlprune.pruned(llava, method, ratio=0.75) as h:
+            run(llava, ids, mask, pv)
+            kept = h.last[0].kept
+    finally:
+        rec.close()
+    full, short = rec.calls[0]["embeds"][0], rec.calls[1]["embeds"][0]
+    image = (ids[0] == IMAGE_TOKEN).nonzero().flatten()
+    text_full = full[ids[0] != IMAGE_TOKEN]
+    text_short = torch.cat([short[: image[0]], short[image[0] + len(kept):]])
+    assert torch.equal(text_full, text_short)
+    got = short[image[0] : image[0] + len(kept)]
+    if method == "pool":  # merged tokens: compare with projecting the pooled encoder features
+        with torch.inference_mode():
+            hs = llava.model.vision_tower(pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+            from vlprune.methods.base import Context
+            pooled = vlprune.methods.pool.Pool().select(hs, len(kept), Context(grid=(4, 4))).tokens
+            want = llava.model.multi_modal_projector(pooled)[0]
+    else:
+        want = full[image][kept]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_with_labels_shortens_labels(llava, method):
+    ids, mask = batch([prompt()])
+    labels = ids.clone()
+    labels[ids == IMAGE_TOKEN] = -100
+    with vlprune.pruned(llava, method, ratio=0.75) as h:
+        out = run(llava, ids, mask, pixels(1), labels=labels)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        image = (ids[0] == IMAGE_TOKEN).nonzero().flatten()
+        keep[0, image] = False
+        keep[0, image[h.last[0].kept]] = True
+    short = labels[keep].view(1, -1)
+    logits = out.logits.float()
+    want = torch.nn.functional.cross_entropy(logits[0, :-1], short[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)

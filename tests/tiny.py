@@ -1,0 +1,64 @@
+"""Tiny random models built from configs, saved and loaded the way a user loads a checkpoint."""
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 5
+PAD = 0
+VOCAB = 64
+IMAGE_SIZE = 56  # 4 x 4 = 16 patches of 14 px
+
+
+def llava_config(vision_layers=2, image_size=IMAGE_SIZE, patch=14, vision_hidden=64, heads=4, lm_layers=2,
+                 vision_intermediate=None):
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
+        num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size, patch_size=patch,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def build_llava(path=None, attn="sdpa", seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(llava_config(**cfg), attn_implementation=attn)
+    # random init gives near-uniform attention; sharpen it so rankings are not ties
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.eval()
+    if path is None:
+        return model
+    model.save_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).eval()
+
+
+def prompt(n_images=1, text_before=(1, 7, 8), text_after=(9, 10, 11), n_patches=16):
+    ids = list(text_before)
+    for _ in range(n_images):
+        ids += [IMAGE_TOKEN] * n_patches + [12]
+    return ids + list(text_after)
+
+
+def batch(prompts, pad_left=True):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if pad_left else slice(0, len(p))
+        ids[i, sl] = torch.tensor(p)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def pixels(n, size=IMAGE_SIZE, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)

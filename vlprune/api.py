@@ -1,0 +1,120 @@
+"""The public verbs: ``patch``, ``pruned``, ``methods`` and the :class:`Handle` they return."""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from .budget import Budget
+from .errors import VlpruneError
+from .registry import _METHODS, get_method, get_patcher, method_names
+
+POSITIONS = ("contiguous", "original")
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """What a patch does, as plain data (round-trips through JSON, e.g. to record an eval run)."""
+
+    method: str
+    ratio: float | None = None
+    keep: int | None = None
+    positions: str = "contiguous"
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PatchConfig":
+        return cls(**data)
+
+
+class Handle:
+    """A live patch on one model. ``remove()`` restores the model exactly; a second call is harmless."""
+
+    def __init__(self, model, config: PatchConfig):
+        self.model = model
+        self.config = config
+        self.budget = Budget(ratio=config.ratio, keep=config.keep)
+        self.method = get_method(config.method).create(**config.options)
+        self.last: list = []  # ImageRecord per image of the most recent call
+        self.active = False
+        self._disabled = False
+        self._patcher = get_patcher(model)(model, self)
+
+    def _install(self) -> None:
+        self.active = True
+        try:
+            self._patcher.install()
+        except BaseException:
+            self.remove()
+            raise
+        self.model._vlprune = self
+
+    def remove(self) -> None:
+        """Undo every hook and wrapper of this patch; the model behaves bit-identically to before."""
+        if not self.active:
+            return
+        self.active = False
+        self._patcher.remove()
+        if self.model.__dict__.get("_vlprune") is self:
+            del self.model.__dict__["_vlprune"]
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Temporarily run the model unpruned (e.g. for a side-by-side baseline)."""
+        prev, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = prev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"<vlprune.Handle {self.config.to_json()} on {type(self.model).__name__} ({state})>"
+
+
+def patch(model, method: str, *, ratio: float | None = None, keep: int | None = None,
+          positions: str = "contiguous", **method_options) -> Handle:
+    """Prune the visual tokens of ``model`` with ``method``, in place, through hooks.
+
+    Exactly one of ``ratio`` (fraction of visual tokens removed, in [0, 1)) and ``keep`` (tokens kept
+    per image, >= 1). ``positions``: ``"contiguous"`` renumbers survivors' LM position ids as the papers
+    do; ``"original"`` keeps each survivor's original position id. Other keywords are method options.
+    Patching an already patched model replaces the earlier patch.
+    """
+    if positions not in POSITIONS:
+        raise VlpruneError(f"positions must be one of {', '.join(map(repr, POSITIONS))}; got positions={positions!r}")
+    config = PatchConfig(method=method, ratio=ratio, keep=keep, positions=positions, options=dict(method_options))
+    handle = Handle(model, config)  # validates everything before the model is touched
+    previous = model.__dict__.get("_vlprune")
+    if previous is not None:
+        previous.remove()
+    handle._install()
+    return handle
+
+
+@contextlib.contextmanager
+def pruned(model, method: str, **kwargs):
+    """``with vlprune.pruned(model, "fastervlm", ratio=0.75) as handle: ...`` - removed on exit, even on error."""
+    handle = patch(model, method, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def methods() -> dict[str, str]:
+    """Registered method names with their one-line descriptions."""
+    return {name: _METHODS[name].summary for name in method_names()}

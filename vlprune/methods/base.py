@@ -1,0 +1,82 @@
+"""What a pruning method is: options, the signals it needs, and a selection on plain tensors.
+
+A method never sees a model. The patcher resolves its :class:`Signal` requests through hooks, calls
+:meth:`Method.select` with the visual tokens of a batch of images, and feeds the result on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import VlpruneError
+
+#: where a method acts; patchers reject stages they cannot serve.
+STAGES = ("encoder",)  # after the vision encoder, before the projector
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A request for one model signal.
+
+    kind ``"cls_attention"``: the [CLS] query's softmax attention over the patch keys of encoder layer
+    ``layer`` (0-based index of the attention module; negative counts from the end), shape
+    (B, heads, N) - the [CLS] column itself is removed, the row is not renormalised.
+    """
+
+    kind: str
+    layer: int
+
+
+@dataclass
+class Context:
+    """Everything a method may use besides the tokens themselves."""
+
+    grid: tuple[int, int]  # (rows, cols) of the patch grid, raster order
+    signals: dict[Signal, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """Result of a method for a batch of B images.
+
+    ``indices`` (B, k): which tokens survive (for merging methods: the token each output stands for).
+    ``scores`` (B, N) or None: the per-token importance, for inspection and plots.
+    ``tokens`` (B, k, D) or None: replacement features (merging methods); None means "gather indices".
+    The core sorts ``indices`` ascending (raster order) and reorders ``tokens`` to match.
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+@dataclass
+class Method:
+    """Base class; subclasses are dataclasses whose fields are the method's options."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    stage: ClassVar[str] = "encoder"
+
+    @classmethod
+    def create(cls, **options) -> "Method":
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise VlpruneError(
+                f"unknown option(s) {', '.join(unknown)} for method={cls.name!r}; "
+                f"allowed: {', '.join(allowed) if allowed else '(none)'}"
+            )
+        return cls(**options)
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def signals(self) -> list[Signal]:
+        return []
+
+    def select(self, tokens: torch.Tensor, k: int, ctx: Context) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,75 @@
+"""Base class of model-family patchers: the budget + method + record bookkeeping they all share.
+
+A subclass knows one model family (where the layers are, how to read signals, how to feed survivors
+on) and installs its hooks through ``self.ledger`` so that :meth:`remove` undoes exactly them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import VlpruneError
+from .hooks import Ledger
+from .methods.base import Context, Selection
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one image in the most recent call (``Handle.last`` holds one per image).
+
+    ``kept`` are indices into the encoder's patch grid in raster order (ascending); ``scores`` is the
+    method's per-patch score (None for methods without one, or when nothing was pruned).
+    """
+
+    row: int  # batch row (prompt) the image belongs to
+    before: int
+    after: int
+    kept: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+class Patcher:
+    model_classes: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ("encoder",)
+
+    def __init__(self, model, handle):
+        self.model = model
+        self.handle = handle
+        self.ledger = Ledger()
+        if handle.method.stage not in self.stages:
+            raise VlpruneError(
+                f"method={handle.method.name!r} acts at stage {handle.method.stage!r}, which "
+                f"{type(self).__name__} does not support (supported stages: {', '.join(self.stages)})"
+            )
+
+    # -- to implement -----------------------------------------------------------------------------
+    def install(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        self.ledger.undo_all()
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.handle.active and not self.handle._disabled
+
+    def keep_count(self, n: int) -> int:
+        return self.handle.budget.tokens_for(n)
+
+    def prune(self, tokens: torch.Tensor, grid: tuple[int, int], signals: dict) -> tuple[torch.Tensor, Selection]:
+        """Run the method on (B, N, D) tokens; return the (B, k, D) survivors and the sorted selection."""
+        k = self.keep_count(tokens.shape[1])
+        sel = self.handle.method.select(tokens, k, Context(grid=grid, signals=signals))
+        if sel.indices.shape != (tokens.shape[0], k):
+            raise RuntimeError(
+                f"method {self.handle.method.name!r} returned indices of shape {tuple(sel.indices.shape)}, "
+                f"expected {(tokens.shape[0], k)}"
+            )
+        indices, order = sel.indices.sort(dim=1)
+        if sel.tokens is not None:
+            out = sel.tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, sel.tokens.shape[-1]))
+        else:
+            out = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return out, Selection(indices, sel.scores, out if sel.tokens is not None else None)

@@ -1,0 +1,77 @@
+"""Name -> method and model-class -> patcher tables, with lookups that explain their failures.
+
+Methods register themselves with ``@register_method``; patchers with ``@register_patcher``. Patchers
+are matched by class *name* (walking the MRO), so optional model libraries are imported only by the
+patcher that needs them.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from .errors import VlpruneError
+
+_METHODS: dict[str, type] = {}
+_PATCHERS: dict[str, type] = {}  # model class name -> patcher class
+
+
+def register_method(name: str):
+    """Class decorator: make a :class:`~vlprune.methods.base.Method` available as ``method=name``."""
+
+    def deco(cls):
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise VlpruneError(f"method name {name!r} is already registered by {_METHODS[name].__name__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_patcher(*class_names: str):
+    """Class decorator: the patcher handles models whose class (or a base class) has one of these names."""
+
+    def deco(cls):
+        for cname in class_names:
+            if cname in _PATCHERS and _PATCHERS[cname] is not cls:
+                raise VlpruneError(f"model class {cname!r} already has patcher {_PATCHERS[cname].__name__}")
+            _PATCHERS[cname] = cls
+        cls.model_classes = tuple(class_names)
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    importlib.import_module("vlprune.methods")
+    importlib.import_module("vlprune.patches")
+
+
+def method_names() -> list[str]:
+    _load_builtins()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type:
+    _load_builtins()
+    if not isinstance(name, str) or name not in _METHODS:
+        close = difflib.get_close_matches(str(name).lower(), list(_METHODS), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise VlpruneError(f"unknown method={name!r}.{hint} Registered methods: {', '.join(sorted(_METHODS))}.")
+    return _METHODS[name]
+
+
+def supported_model_classes() -> list[str]:
+    _load_builtins()
+    return sorted(_PATCHERS)
+
+
+def get_patcher(model) -> type:
+    _load_builtins()
+    for klass in type(model).__mro__:
+        if klass.__name__ in _PATCHERS:
+            return _PATCHERS[klass.__name__]
+    raise VlpruneError(
+        f"unsupported model class {type(model).__name__!r}. "
+        f"Supported model classes: {', '.join(sorted(_PATCHERS))}."
+    )
