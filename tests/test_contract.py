@@ -35,9 +35,11 @@ class LMInputs:
 
 
 def hook_state(model):
-    """Every hook on every module (transformers installs its own output-capture hooks lazily)."""
-    return [(name, list(m._forward_hooks.values()), list(m._forward_pre_hooks.values()))
-            for name, m in model.named_modules()]
+    """Every hook on every module, except transformers' own output-capture hooks (installed lazily)."""
+    def ours(hooks):
+        return [h for h in hooks.values() if not getattr(h, "__module__", "").startswith("transformers")]
+
+    return [(name, ours(m._forward_hooks), ours(m._forward_pre_hooks)) for name, m in model.named_modules()]
 
 
 def no_hooks_left(model, before):

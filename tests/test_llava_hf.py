@@ -1,0 +1,251 @@
+"""HF LLaVA-1.5 patcher: errors, reversibility, signal capture, positions, dtypes, pipeline."""
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vlprune
+from test_contract import LMInputs, gen, hook_state, no_hooks_left, run
+from tiny import IMAGE_TOKEN, batch, build_llava, pixels, prompt
+
+N = 16
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_unsupported_model_lists_supported(llava):
+    with pytest.raises(vlprune.VlpruneError) as err:
+        vlprune.patch(llava.model.language_model, "fastervlm", ratio=0.5)
+    assert "LlamaModel" in str(err.value) and "LlavaForConditionalGeneration" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"method": "fastrvlm", "ratio": 0.5}, "Did you mean 'fastervlm'"),
+    ({"method": "fastervlm"}, "exactly one of ratio"),
+    ({"method": "fastervlm", "ratio": 0.5, "keep": 4}, "exactly one of ratio"),
+    ({"method": "fastervlm", "ratio": 1.5}, "ratio must be in [0, 1)"),
+    ({"method": "fastervlm", "keep": 0}, "keep must be >= 1"),
+    ({"method": "fastervlm", "ratio": 0.5, "layer": 7}, "layer=7 is out of range for a 2-layer vision encoder"),
+    ({"method": "fastervlm", "ratio": 0.5, "positions": "orig"}, "positions must be one of"),
+    ({"method": "uniform", "ratio": 0.5, "seed": 1}, "unknown option(s) seed for method='uniform'"),
+])
+def test_bad_arguments_fail_before_touching_the_model(llava, kwargs, needle):
+    before = hook_state(llava)
+    with pytest.raises(vlprune.VlpruneError) as err:
+        vlprune.patch(llava, **kwargs)
+    assert needle in str(err.value)
+    no_hooks_left(llava, before)
+
+
+def test_placeholder_mismatch_is_clear(llava):
+    ids, mask = batch([prompt(n_patches=15)])
+    with vlprune.pruned(llava, "fastervlm", ratio=0.5):
+        with pytest.raises(vlprune.VlpruneError, match="image features and placeholders do not match"):
+            run(llava, ids, mask, pixels(1))
+        ids, mask = batch([prompt()])
+        with pytest.raises(vlprune.VlpruneError, match="2 images in pixel_values, placeholders for 1"):
+            run(llava, ids, mask, pixels(2))
+
+
+def test_ratio_too_high_for_the_image_is_an_error(llava):
+    ids, mask = batch([prompt()])
+    with vlprune.pruned(llava, "fastervlm", ratio=0.99):
+        with pytest.raises(vlprune.VlpruneError, match="keeps no token"):
+            run(llava, ids, mask, pixels(1))
+
+
+# -- reversibility and isolation ------------------------------------------------------------------
+def test_patch_twice_replaces_and_never_stacks(llava):
+    before = hook_state(llava)
+    first = vlprune.patch(llava, "fastervlm", ratio=0.5)
+    one_patch = hook_state(llava)
+    second = vlprune.patch(llava, "uniform", keep=3)
+    assert not first.active and second.active and llava._vlprune is second
+    assert sum(len(f) + len(p) for _, f, p in hook_state(llava)) <= sum(len(f) + len(p) for _, f, p in one_patch)
+    ids, mask = batch([prompt()])
+    run(llava, ids, mask, pixels(1))
+    assert second.last[0].after == 3 and first.last == []
+    first.remove()  # an inactive handle does not disturb the live one
+    assert llava._vlprune is second
+    second.remove()
+    no_hooks_left(llava, before)
+
+
+def test_second_model_and_class_are_untouched(llava, llava_path):
+    from transformers import LlavaForConditionalGeneration
+
+    other = LlavaForConditionalGeneration.from_pretrained(llava_path).eval()
+    ids, mask = batch([prompt()])
+    ref = run(other, ids, mask, pixels(1)).logits
+    class_forward, class_generate = LlavaForConditionalGeneration.forward, LlavaForConditionalGeneration.generate
+    with vlprune.pruned(llava, "fastervlm", ratio=0.75):
+        assert torch.equal(run(other, ids, mask, pixels(1)).logits, ref)
+        assert LlavaForConditionalGeneration.forward is class_forward
+        assert LlavaForConditionalGeneration.generate is class_generate
+        assert run(llava, ids, mask, pixels(1)).logits.shape[1] == ids.shape[1] - 12
+
+
+def test_disabled_runs_unpruned_temporarily(llava):
+    ids, mask = batch([prompt()])
+    ref = run(llava, ids, mask, pixels(1)).logits
+    with vlprune.pruned(llava, "fastervlm", ratio=0.75) as h:
+        with h.disabled():
+            assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
+        assert run(llava, ids, mask, pixels(1)).logits.shape[1] == ids.shape[1] - 12
+
+
+def test_config_round_trips_json(llava):
+    with vlprune.pruned(llava, "random", keep=5, positions="original", seed=3) as h:
+        data = json.loads(h.config.to_json())
+        assert data == {"method": "random", "ratio": None, "keep": 5, "positions": "original", "options": {"seed": 3}}
+        assert vlprune.PatchConfig.from_dict(data) == h.config
+
+
+def test_text_only_calls_pass_through(llava):
+    ids = torch.tensor([[1, 7, 8, 9]])
+    ref = run(llava, ids, None, None).logits
+    with vlprune.pruned(llava, "fastervlm", ratio=0.75):
+        assert torch.equal(run(llava, ids, None, None).logits, ref)
+
+
+# -- signal capture -------------------------------------------------------------------------------
+def test_capture_matches_eager_attention_and_keeps_sdpa(llava_path):
+    from transformers import LlavaForConditionalGeneration
+
+    sdpa = LlavaForConditionalGeneration.from_pretrained(llava_path, attn_implementation="sdpa").eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(llava_path, attn_implementation="eager").eval()
+    ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
+    pv = pixels(2)
+    with torch.inference_mode():
+        attn = eager.model.vision_tower(pv, output_attentions=True).attentions[0]  # layer -2 of 2 = layer 0
+    want = attn[:, :, 0, 1:].mean(1)
+    for model in (sdpa, eager):
+        with vlprune.pruned(model, "fastervlm", keep=5) as h:
+            run(model, ids, mask, pv)
+            assert model.model.vision_tower.config._attn_implementation == model.config._attn_implementation
+            for i, rec in enumerate(h.last):
+                torch.testing.assert_close(rec.scores, want[i], rtol=1e-5, atol=1e-7)
+                assert rec.kept.tolist() == want[i].topk(5).indices.sort().values.tolist()
+    assert sdpa.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+class ShapeLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _square_attention(shapes, n):
+    return [s for s in shapes if len(s) >= 2 and s[-1] == n and s[-2] == n]
+
+
+def test_capture_never_forms_n_by_n(tmp_path):
+    """The pruned forward on an SDPA tower creates no (.., N, N) tensor; the eager tower does (control)."""
+    model = build_llava(tmp_path / "m", image_size=112, vision_layers=3)  # 8 x 8 patches, N = 65 tokens
+    eager = build_llava(tmp_path / "e", image_size=112, vision_layers=3, attn="eager")
+    prompt_ids, mask = batch([prompt(n_patches=64)])
+    pv = pixels(1, size=112)
+    for m in (model, eager):
+        with vlprune.pruned(m, "fastervlm", keep=8) as h, torch.inference_mode(), ShapeLog() as log:
+            m(input_ids=prompt_ids, attention_mask=mask, pixel_values=pv)
+        assert h.last[0].after == 8
+        if m is model:
+            assert _square_attention(log.shapes, 65) == []
+            assert (1, 4, 65) in log.shapes  # the [CLS] row: O(N)
+        else:
+            assert _square_attention(log.shapes, 65), "control: eager attention does form N x N"
+
+
+# -- positions ------------------------------------------------------------------------------------
+def test_positions_contiguous_and_original(llava):
+    ids, mask = batch([prompt()])
+    L = ids.shape[1]
+    image_start = 3
+    for positions in ("contiguous", "original"):
+        rec = LMInputs(llava)
+        try:
+            with vlprune.pruned(llava, "fastervlm", keep=4, positions=positions) as h:
+                run(llava, ids, mask, pixels(1))
+                gen(llava, ids, mask, pixels(1), max_new_tokens=3)
+                kept = h.last[0].kept
+        finally:
+            rec.close()
+        fwd, prefill, first_step = rec.calls[0], rec.calls[1], rec.calls[2]
+        if positions == "contiguous":
+            assert fwd["position_ids"] is None  # the LM counts 0..L'-1 itself, as unpatched
+            assert prefill["position_ids"][0].tolist() == list(range(L - 12))
+            assert first_step["position_ids"][0].tolist() == [L - 12]
+        else:
+            text = list(range(image_start)) + [image_start + int(i) for i in kept] + list(range(image_start + N, L))
+            assert fwd["position_ids"][0].tolist() == text
+            assert prefill["position_ids"][0].tolist() == text
+            assert first_step["position_ids"][0].tolist() == [L]  # decoding continues after the original prompt
+
+
+# -- dtypes, inputs, pipeline ---------------------------------------------------------------------
+def test_bf16(llava_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_path, dtype=torch.bfloat16).eval()
+    ids, mask = batch([prompt(), prompt(text_before=(1, 4, 4))])
+    pv = pixels(2).to(torch.bfloat16)
+    ref = run(model, ids, mask, pv).logits
+    with vlprune.pruned(model, "fastervlm", ratio=0.0):
+        assert torch.equal(run(model, ids, mask, pv).logits, ref)
+    for method in vlprune.methods():
+        with vlprune.pruned(model, method, ratio=0.75) as h:
+            out = gen(model, ids, mask, pv, max_new_tokens=3)
+            assert out.shape == (2, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids)
+            assert all(r.after == 4 for r in h.last)
+            assert run(model, ids, mask, pv).logits.dtype == torch.bfloat16
+
+
+def test_generate_from_embeddings_returns_new_tokens_only(llava):
+    ids, mask = batch([prompt()])
+    embeds = llava.get_input_embeddings()(ids)
+    with vlprune.pruned(llava, "fastervlm", ratio=0.75):
+        from_ids = gen(llava, ids, mask, pixels(1), max_new_tokens=4)
+        with torch.inference_mode():
+            from_embeds = llava.generate(inputs_embeds=embeds, attention_mask=mask, pixel_values=pixels(1),
+                                         max_new_tokens=4, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
+def _processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "x", "<image>"] + [f"w{i}" for i in range(58)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def test_pipeline_on_patched_model(llava):
+    from PIL import Image
+    from transformers import pipeline
+
+    processor = _processor()
+    image = Image.fromarray((torch.rand(64, 80, 3) * 255).to(torch.uint8).numpy())
+    text = "w1 w2 <image> w3 w4"
+    pipe = pipeline("image-text-to-text", model=llava, processor=processor)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == N
+    with vlprune.pruned(llava, "fastervlm", ratio=0.75) as h:
+        result = pipe(images=image, text=text, max_new_tokens=4, do_sample=False)
+        assert [r.after for r in h.last] == [4]
+        direct = gen(llava, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], max_new_tokens=4)
+    new_text = processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    generated = result[0]["generated_text"]
+    assert generated.endswith(new_text) and generated.startswith(text.replace("<image>", "").split()[0])
