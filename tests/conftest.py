@@ -21,9 +21,7 @@ def llava_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def _shared_llava(llava_path):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(llava_path).eval()
+    return tiny.load(llava_path)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlprune
 from test_contract import LMInputs, gen, hook_state, no_hooks_left, run
-from tiny import IMAGE_TOKEN, batch, build_llava, pixels, prompt
+from tiny import DEVICE, IMAGE_TOKEN, batch, build_llava, load, pixels, prompt
 
 N = 16
 
@@ -74,7 +74,7 @@ def test_patch_twice_replaces_and_never_stacks(llava):
 def test_second_model_and_class_are_untouched(llava, llava_path):
     from transformers import LlavaForConditionalGeneration
 
-    other = LlavaForConditionalGeneration.from_pretrained(llava_path).eval()
+    other = load(llava_path)
     ids, mask = batch([prompt()])
     ref = run(other, ids, mask, pixels(1)).logits
     class_forward, class_generate = LlavaForConditionalGeneration.forward, LlavaForConditionalGeneration.generate
@@ -102,7 +102,7 @@ def test_config_round_trips_json(llava):
 
 
 def test_text_only_calls_pass_through(llava):
-    ids = torch.tensor([[1, 7, 8, 9]])
+    ids = torch.tensor([[1, 7, 8, 9]], device=DEVICE)
     ref = run(llava, ids, None, None).logits
     with vlprune.pruned(llava, "fastervlm", ratio=0.75):
         assert torch.equal(run(llava, ids, None, None).logits, ref)
@@ -110,10 +110,7 @@ def test_text_only_calls_pass_through(llava):
 
 # -- signal capture -------------------------------------------------------------------------------
 def test_capture_matches_eager_attention_and_keeps_sdpa(llava_path):
-    from transformers import LlavaForConditionalGeneration
-
-    sdpa = LlavaForConditionalGeneration.from_pretrained(llava_path, attn_implementation="sdpa").eval()
-    eager = LlavaForConditionalGeneration.from_pretrained(llava_path, attn_implementation="eager").eval()
+    sdpa, eager = load(llava_path, attn_implementation="sdpa"), load(llava_path, attn_implementation="eager")
     ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
     pv = pixels(2)
     with torch.inference_mode():
@@ -191,9 +188,7 @@ def test_positions_contiguous_and_original(llava):
 
 # -- dtypes, inputs, pipeline ---------------------------------------------------------------------
 def test_bf16(llava_path):
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(llava_path, dtype=torch.bfloat16).eval()
+    model = load(llava_path, dtype=torch.bfloat16)
     ids, mask = batch([prompt(), prompt(text_before=(1, 4, 4))])
     pv = pixels(2).to(torch.bfloat16)
     ref = run(model, ids, mask, pv).logits
@@ -245,6 +240,7 @@ def test_pipeline_on_patched_model(llava):
     with vlprune.pruned(llava, "fastervlm", ratio=0.75) as h:
         result = pipe(images=image, text=text, max_new_tokens=4, do_sample=False)
         assert [r.after for r in h.last] == [4]
+        inputs = inputs.to(DEVICE)
         direct = gen(llava, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], max_new_tokens=4)
     new_text = processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     generated = result[0]["generated_text"]

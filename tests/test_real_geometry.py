@@ -4,7 +4,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlprune
-from tiny import IMAGE_TOKEN, batch, pixels, prompt
+from tiny import DEVICE, IMAGE_TOKEN, batch, pixels, prompt
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def vit_l_llava():
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval().to(DEVICE)
     with torch.no_grad():  # sharpen the random attention so the top-64 boundary is not a near-tie
         for layer in model.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)

@@ -1,9 +1,15 @@
-"""Tiny random models built from configs, saved and loaded the way a user loads a checkpoint."""
+"""Tiny random models built from configs, saved and loaded the way a user loads a checkpoint.
+
+``VLPRUNE_TEST_DEVICE=cuda`` runs the same suite on a GPU (models and inputs are placed there).
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+DEVICE = torch.device(os.environ.get("VLPRUNE_TEST_DEVICE", "cpu"))
 IMAGE_TOKEN = 5
 PAD = 0
 VOCAB = 64
@@ -36,9 +42,14 @@ def build_llava(path=None, attn="sdpa", seed=0, **cfg):
                 p.mul_(3.0)
     model.eval()
     if path is None:
-        return model
+        return model.to(DEVICE)
     model.save_pretrained(path)
-    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).eval()
+    return load(path, attn_implementation=attn)
+
+
+def load(path, **kwargs):
+    """Load a saved tiny model the way a user loads a checkpoint, on the test device."""
+    return LlavaForConditionalGeneration.from_pretrained(path, **kwargs).eval().to(DEVICE)
 
 
 def prompt(n_images=1, text_before=(1, 7, 8), text_after=(9, 10, 11), n_patches=16):
@@ -56,9 +67,9 @@ def batch(prompts, pad_left=True):
         sl = slice(width - len(p), width) if pad_left else slice(0, len(p))
         ids[i, sl] = torch.tensor(p)
         mask[i, sl] = 1
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def pixels(n, size=IMAGE_SIZE, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g)
+    return torch.randn(n, 3, size, size, generator=g).to(DEVICE)
