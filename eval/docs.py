@@ -1,0 +1,100 @@
+"""The README's methods and models tables, generated from the registry so they cannot go stale.
+
+``python -m vlprune.eval.docs --write`` rewrites the blocks between the marker comments
+``<!-- methods-table -->`` ... ``<!-- /methods-table -->`` (and the same for ``models-table``) in
+README.md; ``--check`` exits 1 where they differ from what the registry says now. ``tests/test_readme.py``
+runs the same comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import vlprune
+from vlprune import registry
+
+README = Path(__file__).resolve().parent.parent / "README.md"  # the source checkout (editable install)
+BLOCKS = ("methods-table", "models-table")
+
+
+def _doc_line(obj) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def methods_table() -> str:
+    lines = ["| method | how it chooses | stage | options (default) |", "|---|---|---|---|"]
+    for name, summary in vlprune.methods().items():
+        cls = registry.get_method(name)
+        opts = ", ".join(f"`{f.name}={f.default!r}`" for f in dataclasses.fields(cls)) or "-"
+        lines.append(f"| `{name}` | {summary} | {cls.stage} | {opts} |")
+    return "\n".join(lines)
+
+
+def models_table() -> str:
+    lines = ["| model class | patcher | what it covers |", "|---|---|---|"]
+    for cname in vlprune.supported_model_classes():
+        patcher = registry._PATCHERS[cname]  # no public class-name -> patcher lookup (yet)
+        module = sys.modules[patcher.__module__]
+        lines.append(f"| `{cname}` | `{patcher.__module__}.{patcher.__name__}` | {_doc_line(module)} |")
+    return "\n".join(lines)
+
+
+def render_tables() -> dict[str, str]:
+    """Marker name -> the Markdown table that belongs between that marker pair."""
+    return {"methods-table": methods_table(), "models-table": models_table()}
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {name} -->\n)(.*?)(\n?<!-- /{name} -->)", re.S)
+
+
+def read_blocks(text: str) -> dict[str, str]:
+    """Marker name -> the text currently between that marker pair (stripped); missing pairs are absent."""
+    found = {}
+    for name in BLOCKS:
+        m = _pattern(name).search(text)
+        if m:
+            found[name] = m.group(2).strip()
+    return found
+
+
+def update(text: str) -> str:
+    """``text`` with every marker block replaced by the generated table."""
+    for name, table in render_tables().items():
+        pattern = _pattern(name)
+        if not pattern.search(text):
+            raise ValueError(f"README has no <!-- {name} --> ... <!-- /{name} --> block")
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3).lstrip("\n"), text, count=1)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vlprune.eval.docs", description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", type=Path, default=README, help=f"the README to read or rewrite (default: {README})")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the table blocks in the README")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the README's tables are out of date")
+    args = ap.parse_args(argv)
+    if not (args.write or args.check):
+        for name, table in render_tables().items():
+            print(f"<!-- {name} -->\n{table}\n<!-- /{name} -->\n")
+        return 0
+    text = args.readme.read_text(encoding="utf-8")
+    new = update(text)
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: tables are out of date; run python -m vlprune.eval.docs --write", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
