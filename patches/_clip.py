@@ -1,9 +1,10 @@
-"""Signal taps on a CLIP-style vision encoder (HF ``CLIPEncoderLayer``: ``self_attn.{q,k}_proj``).
+"""Signal taps on a CLIP-style vision encoder (HF ``CLIPEncoderLayer``: ``self_attn.{q,k,v}_proj``).
 
 Shared by every family whose tower is an HF CLIP encoder (LLaVA-1.5, LLaVA-NeXT, the original LLaVA
-code). Forward hooks on the q and k projections see exactly the tensors the attention sees, whatever
-attention implementation runs (SDPA stays SDPA), and the requested rows are computed from them in
-O(N) memory. The taps only work while ``enabled()`` is true, i.e. inside a pruned call.
+code). Forward hooks on the q/k/v projections see exactly the tensors the attention sees, whatever
+attention implementation runs (SDPA stays SDPA), and the requested signals are computed from them
+without an N x N matrix. The taps only work while ``enabled()`` is true, i.e. inside a pruned call.
+Token 0 is the [CLS] token; every signal is returned over the patch tokens 1..N only.
 """
 from __future__ import annotations
 
@@ -11,16 +12,38 @@ from vlprune import signals as sig
 from vlprune.errors import VlpruneError
 from vlprune.methods.base import Signal
 
-KINDS = ("cls_attention",)
+QK_KINDS = ("cls_attention", "attention_received", "keys", "cls_query", "cls_key")
+KINDS = QK_KINDS + ("values",)
 
 
 def resolve_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    if not -n_layers <= layer < n_layers:
+    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
         raise VlpruneError(
             f"{what}={layer} is out of range for a {n_layers}-layer vision encoder "
             f"(allowed {-n_layers}..{n_layers - 1}; negative counts from the end)"
         )
     return layer % n_layers
+
+
+def heads(x, attn):
+    """(B, T, heads*head_dim) projection output -> (B, heads, T, head_dim)."""
+    b, t, _ = x.shape
+    return x.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def qk_signal(kind: str, q, k, scale: float):
+    """One signal from full (B, heads, 1+N, head_dim) queries and keys; [CLS] is token 0."""
+    if kind == "cls_attention":
+        return sig.cls_attention(q, k, scale)[..., 1:]
+    if kind == "attention_received":
+        return sig.attention_received(q, k, scale)[..., 1:]
+    if kind == "keys":
+        return k[:, :, 1:].float()
+    if kind == "cls_query":
+        return q[:, :, 0].float()
+    if kind == "cls_key":
+        return k[:, :, 0].float()
+    raise AssertionError(kind)
 
 
 class ClipTaps:
@@ -35,8 +58,13 @@ class ClipTaps:
         for idx, reqs in by_layer.items():
             attn = layers[idx].self_attn
             state = {}
-            ledger.hook(attn.q_proj.register_forward_hook(self._keep_q(state)))
-            ledger.hook(attn.k_proj.register_forward_hook(self._on_k(state, attn, reqs)))
+            qk = [r for r in reqs if r.kind in QK_KINDS]
+            vs = [r for r in reqs if r.kind == "values"]
+            if qk:
+                ledger.hook(attn.q_proj.register_forward_hook(self._keep_q(state)))
+                ledger.hook(attn.k_proj.register_forward_hook(self._on_k(state, attn, qk)))
+            if vs:
+                ledger.hook(attn.v_proj.register_forward_hook(self._on_v(attn, vs)))
 
     def _keep_q(self, state):
         def hook(_module, _inputs, output):
@@ -50,14 +78,17 @@ class ClipTaps:
             q = state.pop("q", None)
             if q is None or not self._enabled():
                 return
-            b, n, _ = output.shape
-            q = q.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = output.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-            row = None
+            q, k = heads(q, attn), heads(output, attn)
             for req in reqs:
-                if req.kind == "cls_attention":
-                    row = sig.cls_attention(q, k, attn.scale) if row is None else row
-                    self.values[req] = row[..., 1:]  # patch keys only, not renormalised
+                self.values[req] = qk_signal(req.kind, q, k, attn.scale)
+
+        return hook
+
+    def _on_v(self, attn, reqs):
+        def hook(_module, _inputs, output):
+            if self._enabled():
+                for req in reqs:
+                    self.values[req] = heads(output, attn)[:, :, 1:].float()
 
         return hook
 

@@ -3,7 +3,8 @@
 How a pruned call runs (``forward`` or ``generate`` with ``pixel_values``):
 1. the vision tower runs once, unchanged; q/k hooks compute only the signals the method asked for;
 2. a pre-hook on the projector hands the ``vision_feature_layer`` patch features to the method and
-   passes only the k survivors on, so the projector runs on k tokens;
+   passes only the k survivors on, so the projector runs on k tokens (methods of stage "projector"
+   select in a post-hook among the projected features instead);
 3. the LM sequence is rebuilt with k placeholders per image (ids or embeddings, attention mask,
    labels, position ids and every other per-position tensor shortened with one keep mask), and the
    original ``forward``/``generate`` runs on it with the projected survivors as ``mm_encoder_outputs``.
@@ -52,6 +53,8 @@ def wrap_method(patcher, obj, name: str, impl):
 
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
+    stages = ("encoder", "projector")
+
     def install(self):
         model = self.model
         self.inner = model.model
@@ -67,17 +70,24 @@ class LlavaHF(Patcher):
         self._busy = False
         self._selection = None
         self.taps = ClipTaps(self.layers, self.handle.method.signals(), self.ledger, lambda: self._busy)
-        self.ledger.hook(self.inner.multi_modal_projector.register_forward_pre_hook(self._on_projector))
+        projector = self.inner.multi_modal_projector
+        if self.handle.method.stage == "encoder":  # select before the projector: it runs on k tokens
+            self.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
+        else:  # "projector": select among the projected features
+            self.ledger.hook(projector.register_forward_hook(self._after_projector))
         wrap_method(self, model, "forward", self._forward)
         wrap_method(self, model, "generate", self._generate)
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _on_projector(self, _module, args):
-        if not self._busy:
-            return None
-        feats = args[0]
+    def _select(self, feats):
         survivors, self._selection = self.prune(feats, grid_shape(feats.shape[1]), self.taps.take())
-        return (survivors,)
+        return survivors
+
+    def _before_projector(self, _module, args):
+        return (self._select(args[0]),) if self._busy else None
+
+    def _after_projector(self, _module, _args, output):
+        return self._select(output) if self._busy else None
 
     # -- the pruned call --------------------------------------------------------------------------
     def _image_mask(self, ids, embeds):

@@ -245,3 +245,33 @@ def test_pipeline_on_patched_model(llava):
     new_text = processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     generated = result[0]["generated_text"]
     assert generated.endswith(new_text) and generated.startswith(text.replace("<image>", "").split()[0])
+
+
+def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
+    from vlprune.hooks import Ledger
+    from vlprune.methods.base import Signal
+    from vlprune.patches._clip import KINDS, ClipTaps
+
+    eager = load(llava_path, attn_implementation="eager")
+    tower = eager.model.vision_tower
+    ledger = Ledger()
+    requests = [Signal(kind, layer) for kind in KINDS for layer in (0, -1)]
+    taps = ClipTaps(tower.encoder.layers, requests, ledger, lambda: True)
+    pv = pixels(2)
+    with torch.inference_mode():
+        out = tower(pv, output_attentions=True, output_hidden_states=True)
+    got = taps.take()
+    ledger.undo_all()
+    with torch.no_grad():
+        for layer in (0, 1):
+            attn = out.attentions[layer]  # (B, H, 17, 17) eager probabilities
+            mod = tower.encoder.layers[layer].self_attn
+            x = tower.encoder.layers[layer].layer_norm1(out.hidden_states[layer])
+            q = mod.q_proj(x).view(2, 17, 4, 16).transpose(1, 2)
+            k = mod.k_proj(x).view(2, 17, 4, 16).transpose(1, 2)
+            v = mod.v_proj(x).view(2, 17, 4, 16).transpose(1, 2)
+            want = {"cls_attention": attn[:, :, 0, 1:], "attention_received": attn.mean(2)[..., 1:],
+                    "keys": k[:, :, 1:], "values": v[:, :, 1:], "cls_query": q[:, :, 0], "cls_key": k[:, :, 0]}
+            for kind in KINDS:
+                value = got[Signal(kind, layer if layer == 0 else -1)]
+                torch.testing.assert_close(value, want[kind].float(), rtol=1e-5, atol=1e-6, msg=f"{kind}@{layer}")

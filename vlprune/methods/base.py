@@ -14,16 +14,26 @@ import torch
 from ..errors import VlpruneError
 
 #: where a method acts; patchers reject stages they cannot serve.
-STAGES = ("encoder",)  # after the vision encoder, before the projector
+#: "encoder": on the encoder's output features, before the projector (the projector runs on k tokens);
+#: "projector": on the projected features, just before the LM.
+STAGES = ("encoder", "projector")
 
 
 @dataclass(frozen=True)
 class Signal:
-    """A request for one model signal.
+    """A request for one model signal of vision-encoder layer ``layer``.
 
-    kind ``"cls_attention"``: the [CLS] query's softmax attention over the patch keys of encoder layer
-    ``layer`` (0-based index of the attention module; negative counts from the end), shape
-    (B, heads, N) - the [CLS] column itself is removed, the row is not renormalised.
+    ``layer`` is the 0-based index of the encoder layer whose attention is read (negative counts from the
+    end; -2 is the layer whose output LLaVA feeds on). N is the number of patch tokens; the [CLS]
+    token is never among the N. Kinds, all float32:
+
+    - ``cls_attention`` (B, heads, N): the [CLS] query's softmax attention over the patch keys
+      (softmax taken over all keys, [CLS] included; not renormalised).
+    - ``attention_received`` (B, heads, N): for each patch key, the attention it receives, averaged
+      over every query ([CLS] included); computed in query chunks, never N x N at once.
+    - ``keys`` / ``values`` (B, heads, N, head_dim): the patch tokens' keys / values.
+    - ``cls_query`` (B, heads, head_dim): the [CLS] token's query.
+    - ``cls_key`` (B, heads, head_dim): the [CLS] token's key.
     """
 
     kind: str
