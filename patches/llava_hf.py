@@ -168,11 +168,7 @@ class LlavaHF(Patcher):
                 tensors[name] = (value, 0)
         kw.update(compact(keep, tensors, is_right_padded(mask)))
 
-        self.handle.last = [
-            ImageRecord(row=r, before=n, after=k, kept=sel.indices[i],
-                        scores=None if sel.scores is None else sel.scores[i])
-            for i, r in enumerate(rows)
-        ]
+        self.handle.last = self.records(rows, n, k, sel)
         new_len = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         return kw, length - new_len
 

@@ -202,3 +202,17 @@ def test_forward_with_labels_shortens_labels(llava, method):
     logits = out.logits.float()
     want = torch.nn.functional.cross_entropy(logits[0, :-1], short[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_records_name_their_sources(llava, method):
+    """Merging methods say which source tokens each output merged; the token an output stands for is among them."""
+    ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
+    with vlprune.pruned(llava, method, keep=5) as h:
+        run(llava, ids, mask, pixels(2))
+    for rec in h.last:
+        if rec.sources is None:
+            continue
+        assert rec.sources.shape == (rec.after, rec.before)
+        assert bool((rec.sources >= 0).all()) and bool((rec.sources.sum(1) > 0).all())
+        assert bool((rec.sources[torch.arange(rec.after), rec.kept] > 0).all())

@@ -76,8 +76,13 @@ def test_example_prints_token_counts_and_passes_its_checks(capsys):
     assert "All checks passed" in out
 
 
-def test_example_rejects_unknown_methods(capsys):
+@pytest.mark.parametrize("argv, needle", [
+    (["--methods", "fastvlm"], "unknown method(s) fastvlm"),
+    (["--ratios", "0,1.0"], "got ratio=1.0"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_example_rejects_bad_arguments_before_building_anything(capsys, argv, needle):
     with pytest.raises(SystemExit) as exc:
-        example.main(["--methods", "fastvlm"])
+        example.main(argv)
     assert exc.value.code == 2
-    assert "fastvlm" in capsys.readouterr().err
+    assert needle in capsys.readouterr().err

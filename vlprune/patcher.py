@@ -12,6 +12,7 @@ import torch
 from .errors import VlpruneError
 from .hooks import Ledger
 from .methods.base import Context, Selection
+from .select import gather_tokens
 
 
 @dataclass
@@ -19,7 +20,8 @@ class ImageRecord:
     """What happened to one image in the most recent call (``Handle.last`` holds one per image).
 
     ``kept`` are indices into the encoder's patch grid in raster order (ascending); ``scores`` is the
-    method's per-patch score (None for methods without one, or when nothing was pruned).
+    method's per-patch score (None for methods without one, or when nothing was pruned); ``sources``
+    (after, before) is, for merging methods, each output token's weights over the input tokens.
     """
 
     row: int  # batch row (prompt) the image belongs to
@@ -27,6 +29,7 @@ class ImageRecord:
     after: int
     kept: torch.Tensor
     scores: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
 
 
 class Patcher:
@@ -68,8 +71,17 @@ class Patcher:
                 f"expected {(tokens.shape[0], k)}"
             )
         indices, order = sel.indices.sort(dim=1)
-        if sel.tokens is not None:
-            out = sel.tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, sel.tokens.shape[-1]))
-        else:
-            out = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return out, Selection(indices, sel.scores, out if sel.tokens is not None else None)
+
+        def reorder(t):
+            return None if t is None else t.gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+        out = reorder(sel.tokens) if sel.tokens is not None else gather_tokens(tokens, indices)
+        return out, Selection(indices, sel.scores, out if sel.tokens is not None else None, reorder(sel.sources))
+
+    def records(self, rows: list[int], n: int, k: int, sel: Selection) -> list[ImageRecord]:
+        """One :class:`ImageRecord` per image of a batch pruned with ``sel``."""
+        def part(t, i):
+            return None if t is None else t[i]
+
+        return [ImageRecord(row=r, before=n, after=k, kept=sel.indices[i], scores=part(sel.scores, i),
+                            sources=part(sel.sources, i)) for i, r in enumerate(rows)]

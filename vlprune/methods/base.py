@@ -55,12 +55,15 @@ class Selection:
     ``indices`` (B, k): which tokens survive (for merging methods: the token each output stands for).
     ``scores`` (B, N) or None: the per-token importance, for inspection and plots.
     ``tokens`` (B, k, D) or None: replacement features (merging methods); None means "gather indices".
-    The core sorts ``indices`` ascending (raster order) and reorders ``tokens`` to match.
+    ``sources`` (B, k, N) or None: for merging methods, the weight of each input token in each output
+    token (row i says which tokens output i merged); recorded in ``handle.last``.
+    The core sorts ``indices`` ascending (raster order) and reorders ``tokens``/``sources`` to match.
     """
 
     indices: torch.Tensor
     scores: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ class Pool(Method):
         weights = _cell_weights(h, w, k).to(device=tokens.device, dtype=tokens.dtype)
         pooled = torch.einsum("kn,bnd->bkd", weights, tokens)
         idx = torch.tensor(cell_centres(h, w, k), device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
-        return Selection(idx, tokens=pooled)
+        return Selection(idx, tokens=pooled, sources=weights.unsqueeze(0).expand(tokens.shape[0], -1, -1))
 
 
 @lru_cache(maxsize=64)
