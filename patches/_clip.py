@@ -13,7 +13,8 @@ from vlprune.errors import VlpruneError
 from vlprune.methods.base import Signal
 
 QK_KINDS = ("cls_attention", "attention_received", "keys", "cls_query", "cls_key")
-KINDS = QK_KINDS + ("values",)
+V_KINDS = ("values", "cls_value")
+KINDS = QK_KINDS + V_KINDS
 
 
 def resolve_layer(layer: int, n_layers: int, what: str = "layer") -> int:
@@ -59,7 +60,7 @@ class ClipTaps:
             attn = layers[idx].self_attn
             state = {}
             qk = [r for r in reqs if r.kind in QK_KINDS]
-            vs = [r for r in reqs if r.kind == "values"]
+            vs = [r for r in reqs if r.kind in V_KINDS]
             if qk:
                 ledger.hook(attn.q_proj.register_forward_hook(self._keep_q(state)))
                 ledger.hook(attn.k_proj.register_forward_hook(self._on_k(state, attn, qk)))
@@ -87,8 +88,9 @@ class ClipTaps:
     def _on_v(self, attn, reqs):
         def hook(_module, _inputs, output):
             if self._enabled():
+                v = heads(output, attn)
                 for req in reqs:
-                    self.values[req] = heads(output, attn)[:, :, 1:].float()
+                    self.values[req] = v[:, :, 1:].float() if req.kind == "values" else v[:, :, 0].float()
 
         return hook
 

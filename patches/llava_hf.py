@@ -20,6 +20,7 @@ import inspect
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.methods.base import Selection
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
@@ -53,7 +54,7 @@ def wrap_method(patcher, obj, name: str, impl):
 
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
-    stages = ("encoder", "projector")
+    stages = ("encoder", "projector", "in_encoder")
 
     def install(self):
         model = self.model
@@ -69,17 +70,59 @@ class LlavaHF(Patcher):
         self.patches_per_image = (vcfg.image_size // vcfg.patch_size) ** 2
         self._busy = False
         self._selection = None
-        self.taps = ClipTaps(self.layers, self.handle.method.signals(), self.ledger, lambda: self._busy)
+        method = self.handle.method
         projector = self.inner.multi_modal_projector
-        if self.handle.method.stage == "encoder":  # select before the projector: it runs on k tokens
-            self.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
-        else:  # "projector": select among the projected features
+        if method.stage == "in_encoder":
+            self._install_in_encoder(method)
+        else:
+            self.taps = ClipTaps(self.layers, method.signals(), self.ledger, lambda: self._busy)
+        if method.stage == "projector":  # select among the projected features
             self.ledger.hook(projector.register_forward_hook(self._after_projector))
+        else:  # select before the projector: it runs on k tokens only
+            self.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
         wrap_method(self, model, "forward", self._forward)
         wrap_method(self, model, "generate", self._generate)
 
+    def _install_in_encoder(self, method):
+        """Prune between encoder layers: a pre-hook on layer l+1 applies the decision made after layer l."""
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise VlpruneError(f"method={method.name!r} prunes inside the encoder and needs one vision_feature_layer; "
+                               f"this model concatenates layers {layer}")
+        n = len(self.layers)
+        self.feature_layer = layer % (n + 1) - 1  # hidden_states[i] is the output of layer i-1
+        self.plan = method.encoder_plan(self.feature_layer)
+        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
+            raise VlpruneError(f"method={method.name!r} planned prune layers {self.plan}, which must lie in "
+                               f"0..{self.feature_layer - 1} (before the feature layer {self.feature_layer})")
+        requests = [sig for l in self.plan for sig in method.encoder_signals(l)]
+        self.taps = ClipTaps(self.layers, requests, self.ledger, lambda: self._busy)
+        for l in self.plan:
+            hook = functools.partial(self._between_layers, l)
+            self.ledger.hook(self.layers[l + 1].register_forward_pre_hook(hook, with_kwargs=True))
+
     # -- hooks ------------------------------------------------------------------------------------
+    def _between_layers(self, layer, _module, args, kwargs):
+        if not self._busy:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state = self._enc
+        keep, state["score"] = self.handle.method.encoder_step(
+            layer, self.plan[-1] - layer, self.taps.take(), state["score"], state["target"])
+        state["orig"] = state["orig"].gather(1, keep)
+        patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = torch.cat([hidden[:, :1], patches], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
     def _select(self, feats):
+        if self.handle.method.stage == "in_encoder":  # already pruned inside the encoder
+            k = self._enc["target"]
+            if feats.shape[1] != k:
+                raise RuntimeError(f"{self.handle.method.name} left {feats.shape[1]} tokens, expected {k}")
+            self._selection = Selection(self._enc["orig"])
+            return feats
         survivors, self._selection = self.prune(feats, grid_shape(feats.shape[1]), self.taps.take())
         return survivors
 
@@ -129,16 +172,7 @@ class LlavaHF(Patcher):
             self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]
             return kw, 0
 
-        self._busy = True
-        try:
-            feats = self.inner.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy, return_dict=True,
-            )
-            sel = self._selection
-        finally:
-            self._busy, self._selection = False, None
-            self.taps.take()
+        feats, sel = self._encode(pixel_values, layer, strategy, n, k)
 
         keep = keep_mask(image_mask, blocks, list(sel.indices))
         kw = dict(kw)
@@ -171,6 +205,30 @@ class LlavaHF(Patcher):
         self.handle.last = self.records(rows, n, k, sel)
         new_len = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         return kw, length - new_len
+
+    def _encode(self, pixel_values, layer, strategy, n, k):
+        """Vision tower + selection + projector; in-encoder methods run one image at a time (their
+        adaptive counts would make a batch ragged inside the encoder)."""
+        chunks = pixel_values.split(1) if self.handle.method.stage == "in_encoder" else [pixel_values]
+        outputs, selections = [], []
+        for chunk in chunks:
+            self._busy = True
+            self._enc = {"orig": torch.arange(n, device=chunk.device).expand(chunk.shape[0], -1),
+                         "score": None, "target": k}
+            try:
+                outputs.append(self.inner.get_image_features(
+                    pixel_values=chunk, vision_feature_layer=layer,
+                    vision_feature_select_strategy=strategy, return_dict=True,
+                ))
+                selections.append(self._selection)
+            finally:
+                self._busy, self._selection, self._enc = False, None, None
+                self.taps.take()
+        if len(outputs) == 1:
+            return outputs[0], selections[0]
+        feats = outputs[0]
+        feats.pooler_output = [f for out in outputs for f in out.pooler_output]
+        return feats, Selection(torch.cat([s.indices for s in selections]))
 
     def _forward(self, original, kw):
         if not self.enabled or kw.get("pixel_values") is None:

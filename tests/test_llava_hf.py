@@ -25,7 +25,7 @@ def test_unsupported_model_lists_supported(llava):
     ({"method": "fastervlm", "ratio": 0.5, "keep": 4}, "exactly one of ratio"),
     ({"method": "fastervlm", "ratio": 1.5}, "ratio must be in [0, 1)"),
     ({"method": "fastervlm", "keep": 0}, "keep must be >= 1"),
-    ({"method": "fastervlm", "ratio": 0.5, "layer": 7}, "layer=7 is out of range for a 2-layer vision encoder"),
+    ({"method": "fastervlm", "ratio": 0.5, "layer": 12}, "layer=12 is out of range for a 12-layer vision encoder"),
     ({"method": "fastervlm", "ratio": 0.5, "positions": "orig"}, "positions must be one of"),
     ({"method": "uniform", "ratio": 0.5, "seed": 1}, "unknown option(s) seed for method='uniform'"),
 ])
@@ -114,7 +114,7 @@ def test_capture_matches_eager_attention_and_keeps_sdpa(llava_path):
     ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
     pv = pixels(2)
     with torch.inference_mode():
-        attn = eager.model.vision_tower(pv, output_attentions=True).attentions[0]  # layer -2 of 2 = layer 0
+        attn = eager.model.vision_tower(pv, output_attentions=True).attentions[-2]  # the layer that feeds LLaVA
     want = attn[:, :, 0, 1:].mean(1)
     for model in (sdpa, eager):
         with vlprune.pruned(model, "fastervlm", keep=5) as h:
@@ -263,7 +263,7 @@ def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
     got = taps.take()
     ledger.undo_all()
     with torch.no_grad():
-        for layer in (0, 1):
+        for layer in (0, 11):
             attn = out.attentions[layer]  # (B, H, 17, 17) eager probabilities
             mod = tower.encoder.layers[layer].self_attn
             x = tower.encoder.layers[layer].layer_norm1(out.hidden_states[layer])
@@ -271,7 +271,7 @@ def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
             k = mod.k_proj(x).view(2, 17, 4, 16).transpose(1, 2)
             v = mod.v_proj(x).view(2, 17, 4, 16).transpose(1, 2)
             want = {"cls_attention": attn[:, :, 0, 1:], "attention_received": attn.mean(2)[..., 1:],
-                    "keys": k[:, :, 1:], "values": v[:, :, 1:], "cls_query": q[:, :, 0], "cls_key": k[:, :, 0]}
+                    "keys": k[:, :, 1:], "values": v[:, :, 1:], "cls_query": q[:, :, 0], "cls_key": k[:, :, 0], "cls_value": v[:, :, 0]}
             for kind in KINDS:
                 value = got[Signal(kind, layer if layer == 0 else -1)]
                 torch.testing.assert_close(value, want[kind].float(), rtol=1e-5, atol=1e-6, msg=f"{kind}@{layer}")

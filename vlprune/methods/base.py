@@ -15,8 +15,10 @@ from ..errors import VlpruneError
 
 #: where a method acts; patchers reject stages they cannot serve.
 #: "encoder": on the encoder's output features, before the projector (the projector runs on k tokens);
-#: "projector": on the projected features, just before the LM.
-STAGES = ("encoder", "projector")
+#: "projector": on the projected features, just before the LM;
+#: "in_encoder": progressively between encoder layers (later layers run on fewer tokens);
+#: "llm": on the LM's hidden states at a decoder layer (later layers and their KV cache are shorter).
+STAGES = ("encoder", "projector", "in_encoder", "llm")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Signal:
       over every query ([CLS] included); computed in query chunks, never N x N at once.
     - ``keys`` / ``values`` (B, heads, N, head_dim): the patch tokens' keys / values.
     - ``cls_query`` (B, heads, head_dim): the [CLS] token's query.
-    - ``cls_key`` (B, heads, head_dim): the [CLS] token's key.
+    - ``cls_key`` / ``cls_value`` (B, heads, head_dim): the [CLS] token's key / value.
     """
 
     kind: str
@@ -92,4 +94,20 @@ class Method:
         return []
 
     def select(self, tokens: torch.Tensor, k: int, ctx: Context) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- stage "in_encoder" only ------------------------------------------------------------------
+    def encoder_plan(self, feature_layer: int) -> list[int]:  # pragma: no cover - abstract
+        """Ascending encoder layers after which the method prunes; ``feature_layer`` is the 0-based
+        layer whose output feeds the projector (the last plan entry must be ``< feature_layer``)."""
+        raise NotImplementedError
+
+    def encoder_signals(self, layer: int) -> list[Signal]:
+        """Signals the method reads at one plan layer (``layer`` is non-negative)."""
+        return []
+
+    def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int):  # pragma: no cover
+        """Prune after ``layer``. Returns (indices of the current patch tokens to keep, ascending, (B, t');
+        new state aligned with them). ``remaining`` = plan layers' distance to the last one (0 = last:
+        must reach ``target`` patches). The patcher keeps [CLS] and runs one image at a time."""
         raise NotImplementedError
