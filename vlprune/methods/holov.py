@@ -1,0 +1,155 @@
+"""HoloV (NeurIPS 2025, arXiv 2510.02912): share the budget over image regions by a holistic score.
+
+Pure top-k by attention piles the budget onto a few highlighted regions; HoloV cuts the patch grid into
+crops, scores every crop by its tokens' [CLS] attention plus the spread of their feature similarities
+(distinct tokens in a crop carry context), gives each crop a quota proportional to its score (floors,
+leftovers to the heaviest crops), then keeps each crop's top-quota tokens by [CLS] attention.
+Deviations: crops are 2-D grid rectangles (``crops_1d=True``: the reference's contiguous raster chunks);
+a crop's quota beyond its size goes to the other crops by weight, so exactly k real tokens come out
+(the reference zero-pads; not reproduced). Default crops = max(1, 1024 // k), at most N (paper App. A.3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import VlpruneError
+from ..registry import register_method
+from ..select import grid_cells
+from .base import Context, Method, Selection, Signal
+
+
+@lru_cache(maxsize=64)
+def crop_layout(height: int, width: int, crops: int, one_d: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of each crop, padded with N: ((crops, max size) long, (crops,) sizes)."""
+    n = height * width
+    if one_d:  # contiguous runs of the raster, the first n % crops one token longer
+        base, extra = divmod(n, crops)
+        bounds = [c * base + min(c, extra) for c in range(crops + 1)]
+        groups = [list(range(bounds[c], bounds[c + 1])) for c in range(crops)]
+    else:
+        groups = [[r * width + col for r in range(r0, r1) for col in range(c0, c1)]
+                  for r0, r1, c0, c1 in grid_cells(height, width, crops)]
+    members = torch.full((crops, max(len(g) for g in groups)), n, dtype=torch.long)
+    for c, group in enumerate(groups):
+        members[c, : len(group)] = torch.tensor(group, dtype=torch.long)
+    return members, torch.tensor([len(g) for g in groups], dtype=torch.long)
+
+
+def holistic_scores(tokens, attn, members, sizes, alpha: float) -> torch.Tensor:
+    """Per-token holistic score inside each crop: (B, C, M), zero on padding slots.
+
+    attention + alpha * gamma_c * variance, where the variance is that of a token's cosine similarities
+    to its crop (self-similarity zeroed and, as in the reference, counted in the sum of squares; divided
+    by M - 1) and gamma_c = mean attention / mean variance of the crop puts both terms on one scale.
+    Note: with gamma_c per crop, a crop's mean score is (1 + alpha) x its mean attention whatever the
+    features (the reference's eps aside), so the variance shapes the per-token scores, not the quotas.
+    """
+    b, n, d = tokens.shape
+    valid = members < n  # (C, M)
+    unit = F.normalize(tokens.float(), dim=-1)
+    unit = torch.cat([unit, unit.new_zeros(b, 1, d)], dim=1)[:, members]  # (B, C, M, D)
+    eye = torch.eye(members.shape[1], dtype=torch.bool, device=tokens.device)
+    pairs = valid[:, :, None] & valid[:, None, :] & ~eye
+    sim = (unit @ unit.transpose(-1, -2)).masked_fill(~pairs, 0.0)  # (B, C, M, M)
+    denom = (sizes - 1).clamp(min=1).to(sim.dtype)[:, None]
+    mean = sim.sum(-1) / denom
+    dev = (sim - mean[..., None]).masked_fill(~valid[:, None, :], 0.0)
+    var = (dev * dev).sum(-1) / denom * valid
+    att = torch.cat([attn, attn.new_zeros(b, 1)], dim=1)[:, members]  # (B, C, M), 0 on padding
+    mean_att, mean_var = att.abs().sum(-1) / sizes, var.abs().sum(-1) / sizes
+    gamma = torch.where(mean_var > 0, mean_att / mean_var.clamp(min=torch.finfo(var.dtype).tiny), 0.0)
+    return (att + alpha * gamma[..., None] * var) * valid
+
+
+def _top_up(weights, count, eligible):
+    """+1 for the ``count`` (B,) heaviest eligible crops of each row (ties: lower crop index)."""
+    key = torch.where(eligible, weights, torch.full_like(weights, -1.0))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < count[:, None]).long()
+
+
+def allocate(weights: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor:
+    """Quotas (B, C) summing to k with quota <= size: floor(w * k), leftovers to the heaviest crops, and
+    any quota beyond a crop's size handed to the crops with room left, by weight, until none overflows."""
+    quotas = (weights * k).floor().long()
+    quotas += _top_up(weights, k - quotas.sum(-1), torch.ones_like(quotas, dtype=torch.bool))
+    for _ in range(sizes.shape[0] + 1):  # each round with a surplus fills at least one more crop
+        over = (quotas - sizes).clamp(min=0)
+        surplus = over.sum(-1)
+        if not bool(surplus.any()):
+            break
+        quotas -= over
+        room = quotas < sizes
+        share = weights * room
+        total = share.sum(-1, keepdim=True)
+        share = torch.where(total > 0, share / total.clamp(min=torch.finfo(share.dtype).tiny),
+                            room / room.sum(-1, keepdim=True).clamp(min=1))
+        extra = (share * surplus[:, None]).floor().long()
+        quotas += extra + _top_up(share, surplus - extra.sum(-1), room)
+    return quotas
+
+
+@register_method("holov")
+@dataclass
+class HoloV(Method):
+    summary = "per-crop quotas from a holistic (attention + similarity-spread) score, [CLS] top-k inside"
+    stage = "projector"
+    crops: int | None = None
+    alpha: float = 0.09
+    tau: float = 1.0
+    layer: int = -2
+    crops_1d: bool = False
+
+    def __post_init__(self):
+        c = self.crops
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise VlpruneError(f"crops must be an int >= 1, or None for max(1, 1024 // k); got {c!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+                math.isfinite(self.alpha) and self.alpha >= 0):
+            raise VlpruneError(f"alpha must be a finite number >= 0 (weight of the similarity variance), got {self.alpha!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (
+                math.isfinite(self.tau) and self.tau > 0):
+            raise VlpruneError(f"tau must be a finite number > 0 (sharpness of the crop weights), got {self.tau!r}")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise VlpruneError(f"layer must be an int encoder layer index (negative counts from the end), got {self.layer!r}")
+        if not isinstance(self.crops_1d, bool):
+            raise VlpruneError(f"crops_1d must be True or False, got {self.crops_1d!r}")
+
+    def signals(self):
+        return [Signal("cls_attention", self.layer)]
+
+    def crops_for(self, k: int, n: int) -> int:
+        return min(n, self.crops if self.crops is not None else max(1, 1024 // k))
+
+    def select(self, tokens, k, ctx: Context) -> Selection:
+        b, n, _ = tokens.shape
+        h, w = ctx.grid
+        if h * w != n:
+            raise ValueError(f"grid {h}x{w} does not hold the {n} tokens the method was given")
+        members, sizes = crop_layout(h, w, self.crops_for(k, n), self.crops_1d)
+        members, sizes = members.to(tokens.device), sizes.to(tokens.device)
+        valid = members < n
+        attn = ctx.signals[Signal("cls_attention", self.layer)].mean(dim=1).float()  # (B, N)
+
+        holistic = holistic_scores(tokens, attn, members, sizes, float(self.alpha))
+        crop_score = (holistic.sum(-1) / sizes).pow(self.tau)  # (B, C), >= 0
+        total = crop_score.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, crop_score / total.clamp(min=torch.finfo(total.dtype).tiny), sizes / n)
+        quotas = allocate(weights, sizes, k)
+
+        # inside each crop, the quota goes to the tokens with the most [CLS] attention
+        att = torch.cat([attn, attn.new_full((b, 1), -math.inf)], dim=1)[:, members]  # (B, C, M)
+        order = att.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        keep_slot = (rank < quotas[..., None]) & valid
+        flat = members.reshape(1, -1).expand(b, -1)
+        keep = torch.zeros(b, n + 1, dtype=torch.bool, device=tokens.device).scatter_(1, flat, keep_slot.reshape(b, -1))
+        indices = (~keep[:, :n]).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # kept tokens, ascending
+        scores = torch.zeros(b, n + 1, dtype=holistic.dtype, device=tokens.device).scatter_(1, flat, holistic.reshape(b, -1))
+        return Selection(indices, scores[:, :n])
