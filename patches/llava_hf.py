@@ -27,6 +27,7 @@ from vlprune.select import grid_shape
 from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
 
 from ._clip import ClipTaps
+from ._llm import LLMPruning
 
 SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "labels": -100, "position_ids": 0}
 
@@ -54,7 +55,7 @@ def wrap_method(patcher, obj, name: str, impl):
 
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
-    stages = ("encoder", "projector", "in_encoder")
+    stages = ("encoder", "projector", "in_encoder", "llm")
 
     def install(self):
         model = self.model
@@ -72,6 +73,13 @@ class LlavaHF(Patcher):
         self._selection = None
         method = self.handle.method
         projector = self.inner.multi_modal_projector
+        self.grid = grid_shape(self.patches_per_image)
+        self._prompt_len = None
+        if method.stage == "llm":  # the vision side runs unchanged; see patches/_llm.py
+            self.llm = LLMPruning(self, self.inner.language_model.layers, method)
+            wrap_method(self, model, "forward", self._forward)
+            wrap_method(self, model, "generate", self._generate)
+            return
         if method.stage == "in_encoder":
             self._install_in_encoder(method)
         else:
@@ -231,14 +239,68 @@ class LlavaHF(Patcher):
         return feats, Selection(torch.cat([s.indices for s in selections]))
 
     def _forward(self, original, kw):
+        if self.enabled and self.handle.method.stage == "llm" and self._image_count(kw):
+            return self._forward_llm(original, kw)
         if not self.enabled or kw.get("pixel_values") is None:
             return original(**kw)
         kw, _ = self._prepare(kw, generating=False)
         return original(**kw)
 
+    @staticmethod
+    def _image_count(kw) -> int:
+        """Images in a call: raw pixels, or features generate() encoded ahead of its prefill."""
+        if kw.get("pixel_values") is not None:
+            return kw["pixel_values"].shape[0]
+        encoded = (kw.get("mm_encoder_outputs") or {}).get("image")
+        return 0 if encoded is None else len(encoded.pooler_output)
+
+    def _forward_llm(self, original, kw):
+        """Full sequence in; image tokens leave at decoder layer K (hooks in patches/_llm.py)."""
+        ids, embeds, mask = kw.get("input_ids"), kw.get("inputs_embeds"), kw.get("attention_mask")
+        if ids is None and embeds is None:
+            raise VlpruneError("pass input_ids or inputs_embeds together with pixel_values")
+        image_mask = self._image_mask(ids, embeds)
+        n = self.patches_per_image
+        blocks = placeholder_positions(image_mask, n)
+        if len(blocks) != self._image_count(kw):
+            raise VlpruneError(
+                f"image features and placeholders do not match: {self._image_count(kw)} images given, "
+                f"placeholders for {len(blocks)} images of {n} tokens each in the prompt")
+        rows = [int(r) for r in torch.stack([b[0, 0] for b in blocks]).tolist()] if blocks else []
+        k = self.keep_count(n)
+        if k >= n:
+            full = torch.arange(n, device=image_mask.device)
+            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]
+            return original(**kw)
+        # the query row is the prompt's last token; inside generate() without a cache the sequence
+        # grows, but the prompt (and so the choice) stays the same
+        length = image_mask.shape[1] if self._prompt_len is None else self._prompt_len
+        if is_right_padded(mask):
+            anchor = mask[:, :length].long().sum(1) - 1
+        else:
+            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
+        labels = kw.pop("labels", None)
+        self.llm.begin(image_mask, blocks, rows, anchor, n, k)
+        try:
+            out = original(**kw)
+            cols = self.llm.pending["cols"]
+        finally:
+            self.llm.end()
+        if labels is not None:  # the loss over the positions that reached the head
+            out.loss = self.model.loss_function(logits=out.logits, labels=labels.gather(1, cols),
+                                                vocab_size=self.model.config.text_config.vocab_size)
+        return out
+
     def _generate(self, original, kw):
         if not self.enabled or kw.get("pixel_values") is None:
             return original(**kw)
+        if self.handle.method.stage == "llm":
+            prompt = kw.get("input_ids", kw.get("inputs"))
+            self._prompt_len = None if prompt is None else prompt.shape[1]
+            try:
+                return original(**kw)
+            finally:
+                self._prompt_len = None
         inputs = kw.pop("inputs", None)
         if inputs is not None:
             kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs

@@ -22,14 +22,17 @@ def gen(model, ids, mask, pv, **kw):
 
 
 class LMInputs:
-    """Records what reaches the language model: sequence length, embeddings, position ids."""
+    """Records what reaches the language model (or, with ``layer``, one decoder layer)."""
 
-    def __init__(self, model):
+    def __init__(self, model, layer=None):
         self.calls = []
-        self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        lm = model.model.language_model
+        target = lm if layer is None else lm.layers[layer]
+        self._h = target.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, _m, _args, kwargs):
-        self.calls.append({"embeds": kwargs["inputs_embeds"], "position_ids": kwargs.get("position_ids")})
+    def _hook(self, _m, args, kwargs):
+        embeds = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else (args[0] if args else kwargs["hidden_states"])
+        self.calls.append({"embeds": embeds, "position_ids": kwargs.get("position_ids")})
 
     def close(self):
         self._h.remove()
@@ -48,16 +51,21 @@ def no_hooks_left(model, before):
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__ and "_vlprune" not in model.__dict__
 
 
+def lm_entry(handle):
+    """Where the pruned sequence starts: the LM input, or decoder layer K for methods inside the LM."""
+    return handle.method.layer if handle.method.stage == "llm" else None
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_image_positions_reaching_lm_are_k_per_image(llava, method):
     ids, mask = batch([prompt(n_images=2)])
-    rec = LMInputs(llava)
-    try:
-        with vlprune.pruned(llava, method, ratio=0.75) as h:
+    with vlprune.pruned(llava, method, ratio=0.75) as h:
+        rec = LMInputs(llava, lm_entry(h))  # registered after the patch's own hooks: sees their result
+        try:
             run(llava, ids, mask, pixels(2))
-            assert [(r.before, r.after, r.row) for r in h.last] == [(N, 4, 0), (N, 4, 0)]
-    finally:
-        rec.close()
+        finally:
+            rec.close()
+        assert [(r.before, r.after, r.row) for r in h.last] == [(N, 4, 0), (N, 4, 0)]
     assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - 4)
 
 
@@ -129,6 +137,10 @@ def test_batch_with_left_padding_equals_single_runs(llava, method):
 def test_batch_with_different_image_counts_repads(llava, method):
     prompts = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=(1, 8, 9))]
     pv = pixels(3)
+    if get_method(method).stage == "llm":  # rows cannot have different lengths mid-network: a clear error
+        with vlprune.pruned(llava, method, ratio=0.5), pytest.raises(vlprune.VlpruneError, match="same number of images"):
+            gen(llava, *batch(prompts), pv)
+        return
     with vlprune.pruned(llava, method, ratio=0.5) as h:
         singles = [gen(llava, *batch([prompts[0]]), pv[:2]), gen(llava, *batch([prompts[1]]), pv[2:])]
         ids, mask = batch(prompts)
@@ -174,8 +186,12 @@ def test_survivors_are_the_projected_selection(llava, method):
     full, short = rec.calls[0]["embeds"][0], rec.calls[1]["embeds"][0]
     image = (ids[0] == IMAGE_TOKEN).nonzero().flatten()
     text_full = full[ids[0] != IMAGE_TOKEN]
-    text_short = torch.cat([short[: image[0]], short[image[0] + len(kept):]])
-    assert torch.equal(text_full, text_short)
+    if get_method(method).stage != "llm":
+        text_short = torch.cat([short[: image[0]], short[image[0] + len(kept):]])
+        assert torch.equal(text_full, text_short)
+    if get_method(method).stage == "llm":  # the LM input is untouched; pruning starts at layer K (own test)
+        assert torch.equal(full, short)
+        return
     got = short[image[0] : image[0] + len(kept)]
     if get_method(method).stage == "in_encoder":
         # later encoder layers ran on fewer tokens, so features differ by design (see its own test)

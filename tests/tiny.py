@@ -16,7 +16,7 @@ VOCAB = 64
 IMAGE_SIZE = 56  # 4 x 4 = 16 patches of 14 px
 
 
-def llava_config(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidden=64, heads=4, lm_layers=2,
+def llava_config(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidden=64, heads=4, lm_layers=4,
                  vision_intermediate=None):
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,

@@ -36,6 +36,11 @@ class Signal:
     - ``keys`` / ``values`` (B, heads, N, head_dim): the patch tokens' keys / values.
     - ``cls_query`` (B, heads, head_dim): the [CLS] token's query.
     - ``cls_key`` / ``cls_value`` (B, heads, head_dim): the [CLS] token's key / value.
+
+    For stage "llm" methods ``layer`` indexes the LM's decoder layers instead, and the kind is:
+
+    - ``last_attention`` (images, heads, N): the prompt's last token's softmax attention (over all
+      keys) on each image's N tokens at that decoder layer.
     """
 
     kind: str

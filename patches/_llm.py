@@ -1,0 +1,170 @@
+"""Pruning inside an HF decoder LM (stage "llm"): image tokens leave the sequence at decoder layer K.
+
+Shared by the patchers whose LM is a Llama-style HF decoder (``layers[i].self_attn.{q,k}_proj``,
+rotary ``position_embeddings`` passed to every layer). At prefill, hooks on layer K-1 compute one
+attention row - the prompt's last token over all keys - from q/k (no N x N, SDPA stays on); a
+pre-hook on layer K drops the image positions the method rejects, and pre-hooks on every later
+layer shorten what the model's loop hands each layer (rotary tables, position ids, attention mask)
+the same way. Survivors keep their original positions. Later layers fill their KV cache with the
+short sequence; during decoding the same hooks cut the mask's columns to match, keyed by the cache
+object, so ``generate`` with a cache, batches with left padding and uncached generation agree.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.methods.base import Context, Selection, Signal
+from vlprune.sequence import keep_mask
+
+
+def gather_seq(t: torch.Tensor, cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather positions ``cols`` (B, L') along ``dim`` of a batch-first tensor (batch dim may be 1)."""
+    t = t.expand(cols.shape[0], *t.shape[1:])
+    shape = [cols.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = cols.shape[1]
+    index = cols.view(shape).expand(*[cols.shape[1] if i == dim else s for i, s in enumerate(t.shape)])
+    return t.gather(dim, index)
+
+
+def _bool_or_additive(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.float()
+
+
+class LLMPruning:
+    def __init__(self, patcher, layers, method):
+        n = len(layers)
+        k_layer = method.layer
+        if not isinstance(k_layer, int) or not 1 <= k_layer < n:
+            raise VlpruneError(f"layer={k_layer!r} is out of range for method={method.name!r} on a {n}-layer LM "
+                               f"(allowed 1..{n - 1}: the decoder layer from which image tokens are dropped)")
+        self.patcher, self.method, self.k_layer = patcher, method, k_layer
+        self.pending = None
+        self.sessions = weakref.WeakKeyDictionary()
+        attn = layers[k_layer - 1].self_attn
+        self.attn = attn
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        ledger = patcher.ledger
+        ledger.hook(attn.register_forward_pre_hook(self._grab_kwargs, with_kwargs=True))
+        ledger.hook(attn.q_proj.register_forward_hook(self._keep_q))
+        ledger.hook(attn.k_proj.register_forward_hook(self._on_k))
+        for idx in range(k_layer, n):
+            hook = functools.partial(self._before_layer, idx)
+            ledger.hook(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
+
+    # -- per call ---------------------------------------------------------------------------------
+    def begin(self, image_mask, blocks, rows, anchor, n, k):
+        self.pending = {"image_mask": image_mask, "blocks": blocks, "rows": rows, "anchor": anchor,
+                        "n": n, "k": k, "cols": None}
+
+    def end(self):
+        self.pending = None
+
+    # -- layer K-1: the anchor token's attention row ----------------------------------------------
+    def _grab_kwargs(self, _module, _args, kwargs):
+        if self.pending is not None and self.pending["cols"] is None:
+            self.pending["rope"] = kwargs.get("position_embeddings")
+            self.pending["mask"] = kwargs.get("attention_mask")
+
+    def _keep_q(self, _module, _inputs, output):
+        if self.pending is not None and self.pending["cols"] is None:
+            self.pending["q"] = output
+
+    def _on_k(self, _module, _inputs, output):
+        p = self.pending
+        if p is None or p["cols"] is not None or "q" not in p:
+            return
+        attn, cfg = self.attn, self.attn.config
+        b, length, _ = output.shape
+        q = p.pop("q").view(b, length, -1, attn.head_dim).transpose(1, 2)
+        k = output.view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = p.pop("rope")
+        q, k = self.rope(q, k, cos, sin)
+        rows = torch.arange(b, device=q.device)
+        q_last = q[rows, :, p["anchor"]].unsqueeze(2).float()  # (B, H, 1, d)
+        k = k.float().repeat_interleave(cfg.num_attention_heads // k.shape[1], dim=1)
+        logits = (q_last @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
+        mask = p.pop("mask")
+        if mask is not None and not isinstance(mask, dict):
+            row = mask.expand(b, *mask.shape[1:])[rows, :, p["anchor"]]  # (B, 1 or H, KV)
+            logits = _bool_or_additive(row[..., -length:], logits)
+        p["attention"] = torch.softmax(logits, dim=-1)
+
+    # -- layers >= K: drop, then keep every layer's inputs consistent ------------------------------
+    def _select(self, hidden):
+        p = self.pending
+        if "attention" not in p:
+            raise RuntimeError("the attention row of the anchor token was not captured at layer K-1")
+        attention = p.pop("attention")
+        blocks = p["blocks"]
+        pos = torch.stack(blocks)  # (I, N, 2): (row, column) of each image's placeholders
+        scores = attention[pos[..., 0], :, pos[..., 1]].transpose(1, 2)  # (I, H, N)
+        tokens = hidden[pos[..., 0], pos[..., 1]]  # (I, N, D)
+        sig = Signal("last_attention", self.k_layer - 1)
+        method = self.method
+        k = p["k"]
+        if k == 0:
+            sel = Selection(torch.zeros(len(blocks), 0, dtype=torch.long, device=hidden.device))
+        else:
+            sel = method.select(tokens, k, Context(grid=self.patcher.grid, signals={sig: scores}))
+            sel.indices = sel.indices.sort(dim=1).values
+        keep = keep_mask(p["image_mask"], blocks, list(sel.indices))
+        counts = keep.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise VlpruneError(
+                f"method={method.name!r} prunes inside the LM and needs the same number of images in every "
+                "prompt of a batch (rows would otherwise need different lengths mid-network); "
+                "batch prompts by image count"
+            )
+        p["cols"] = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+        self.patcher.handle.last = self.patcher.records(p["rows"], p["n"], k, sel)
+        return p["cols"]
+
+    def _before_layer(self, idx, _module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache")
+        p = self.pending
+        if p is not None:  # prefill of a pruned call
+            length = p["image_mask"].shape[1]
+            if idx == self.k_layer:
+                cols = self._select(hidden)
+                hidden = gather_seq(hidden, cols)
+                # keys cached before this call (a continued conversation) stay; layer 0 already holds ours
+                p["past"] = cache.get_seq_length() - length if cache is not None else 0
+                if cache is not None:
+                    past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
+                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length)
+            cols = p["cols"]
+            q_cols = cols
+        else:
+            session = self.sessions.get(cache) if cache is not None else None
+            if session is None:
+                return None
+            cols, length = session
+            q_cols = None
+        new = dict(kwargs)
+        if q_cols is not None:
+            if kwargs.get("position_embeddings") is not None:
+                new["position_embeddings"] = tuple(gather_seq(t, q_cols) for t in kwargs["position_embeddings"])
+            if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() == 2:
+                new["position_ids"] = gather_seq(kwargs["position_ids"], q_cols)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            kv = mask.shape[-1]
+            if q_cols is not None:  # prefill: rows and columns of this call's tokens
+                mask = gather_seq(mask, q_cols, dim=2)
+                past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
+                kv_cols = torch.cat([past, cols + p["past"]], dim=1)
+            else:  # decoding: the kept prompt columns, then everything after the prompt
+                kv_cols = torch.cat([cols, torch.arange(length, kv, device=cols.device).expand(cols.shape[0], -1)], 1)
+            new["attention_mask"] = gather_seq(mask, kv_cols, dim=3)
+        if args:
+            return (hidden, *args[1:]), new
+        new["hidden_states"] = hidden
+        return args, new
