@@ -112,3 +112,19 @@ def test_bad_options(options, needle):
     with pytest.raises(vlprune.VlpruneError) as err:
         get_method("visionzip").create(**options)
     assert needle in str(err.value)
+
+
+def test_batch_equals_singles_bit_for_bit_at_llava_size():
+    """24x24 patches, 16 heads: sizes where a batched matrix product can sum in another order."""
+    g = torch.Generator().manual_seed(2)
+    n, b = 576, 3
+    tokens = torch.randn(b, n, 64, generator=g)
+    sig = {ATT: torch.softmax(3 * torch.randn(b, 16, n, generator=g), -1), KEYS: torch.randn(b, 16, n, 64, generator=g)}
+    m = get_method("visionzip").create()
+    for k in (1, 64, 144, 575):
+        sel = m.select(tokens, k, Context(grid=(24, 24), signals=sig))
+        for i in range(b):
+            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals={s: v[i : i + 1] for s, v in sig.items()}))
+            assert torch.equal(one.indices[0], sel.indices[i])
+            if sel.tokens is not None:
+                assert torch.equal(one.tokens[0], sel.tokens[i]) and torch.equal(one.sources[0], sel.sources[i])

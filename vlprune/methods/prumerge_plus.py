@@ -19,6 +19,7 @@ from ..registry import register_method
 from ..select import gather_tokens, grid_cells
 from .base import Context, Method, Selection, Signal
 from .uniform import cell_centres
+from .visionzip import per_image
 
 
 @lru_cache(maxsize=64)
@@ -41,7 +42,7 @@ def full_width_cls_attention(q_cls, keys, k_cls) -> torch.Tensor:
     q = q_cls.float().reshape(b, h * d)
     k = keys.float().permute(0, 2, 1, 3).reshape(b, n, h * d)
     logits = torch.cat([(q * k_cls.float().reshape(b, h * d)).sum(-1, keepdim=True),
-                        torch.einsum("bnd,bd->bn", k, q)], dim=1) / math.sqrt(h * d)
+                        (k * q.unsqueeze(1)).sum(-1)], dim=1) / math.sqrt(h * d)  # not bmm: batch-invariant
     return torch.softmax(logits, dim=-1)[:, 1:]
 
 
@@ -93,14 +94,14 @@ class PruMergePlus(Method):
         weights = torch.zeros(b, k, n, dtype=torch.float32, device=dev)
         nb = min(self.neighbours, n - 1)
         if nb > 0:
-            sim = torch.bmm(gather_tokens(unit, kept), unit.transpose(1, 2))  # (B, k, N)
+            sim = per_image(torch.matmul, gather_tokens(unit, kept), unit.transpose(1, 2))  # (B, k, N)
             sim.scatter_(-1, kept.unsqueeze(-1), float("-inf"))  # never one's own neighbour
             near = sim.topk(nb, dim=-1).indices  # (B, k, nb)
             weights.scatter_(-1, near, scores.unsqueeze(1).expand(-1, k, -1).gather(-1, near))
         weights.scatter_(-1, kept.unsqueeze(-1), 1.0)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        merged = torch.bmm(weights, tokens.float()).to(tokens.dtype)
+        merged = per_image(torch.matmul, weights, tokens.float()).to(tokens.dtype)
         return Selection(kept, scores, merged, weights)
 
     @staticmethod

@@ -17,6 +17,7 @@ from ..errors import VlpruneError
 from ..registry import register_method
 from ..select import grid_cells, topk_indices
 from .base import Context, Method, Selection, Signal
+from .visionzip import per_image
 
 
 @lru_cache(maxsize=64)
@@ -112,7 +113,7 @@ class TCC(Method):
         """(B, N) bool: another patch of the same crop has key cosine similarity above ``threshold``."""
         b, h, n, d = keys.shape
         unit = F.normalize(keys.float().permute(0, 2, 1, 3).reshape(b, n, h * d), dim=-1)
-        sim = torch.bmm(unit, unit.transpose(1, 2))
+        sim = per_image(torch.matmul, unit, unit.transpose(1, 2))
         other = (crop_of[:, None] == crop_of[None, :]) & ~torch.eye(n, dtype=torch.bool, device=keys.device)
         return (sim.masked_fill(~other, float("-inf")).amax(dim=-1) > self.threshold)
 

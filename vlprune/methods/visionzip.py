@@ -19,6 +19,12 @@ from ..select import gather_tokens
 from .base import Context, Method, Selection, Signal
 
 
+def per_image(op, *tensors):
+    """``op`` applied image by image: a batch gives bit for bit what its single images give (a batched
+    matrix product may take another BLAS path, and sum in another order, than an unbatched one)."""
+    return torch.stack([op(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])])
+
+
 @register_method("visionzip")
 @dataclass
 class VisionZip(Method):
@@ -73,8 +79,8 @@ class VisionZip(Method):
         targets, members = rest[:, picked], rest[:, ~picked]  # (B, c), (B, R - c)
 
         keys = F.normalize(ctx.signals[Signal("keys", self.layer)].mean(dim=1), dim=-1)  # (B, N, hd)
-        sim = torch.bmm(gather_tokens(keys, members), gather_tokens(keys, targets).transpose(1, 2))  # (B, R-c, c)
-        assign = sim.argmax(dim=-1)  # (B, R - c): which target each member joins
+        sim = per_image(torch.matmul, gather_tokens(keys, members), gather_tokens(keys, targets).transpose(1, 2))
+        assign = sim.argmax(dim=-1)  # (B, R - c): which target (of c) each member joins
         joined = torch.zeros(b, n_ctx, r - n_ctx, dtype=torch.float32, device=tokens.device)
         joined.scatter_(1, assign.unsqueeze(1), 1.0)  # joined[b, t, j] = member j joined target t
         weights = joined / joined.sum(dim=-1, keepdim=True).clamp(min=1.0)  # 1/m per member
@@ -82,5 +88,5 @@ class VisionZip(Method):
         ctx_rows.scatter_(-1, members.unsqueeze(1).expand(-1, n_ctx, -1), weights)
         ctx_rows.scatter_(-1, targets.unsqueeze(-1), 1.0)
         sources[:, n_dom:] = ctx_rows
-        merged = torch.bmm(ctx_rows, tokens.float()).to(tokens.dtype)
+        merged = per_image(torch.matmul, ctx_rows, tokens.float()).to(tokens.dtype)
         return Selection(torch.cat([dominant, targets], dim=1), scores, torch.cat([out, merged], dim=1), sources)
