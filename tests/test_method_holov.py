@@ -28,8 +28,8 @@ def per_crop(values_by_crop, groups=QUADRANTS, n=16):
 def run(att_values, k, grid=(4, 4), seed=0, **options):
     n = grid[0] * grid[1]
     tokens = torch.randn(1, n, 6, generator=torch.Generator().manual_seed(seed))
-    sel = get_method("holov").create(**options).select(tokens, k, Context(grid=grid, signals={ATT: attention(att_values)}))
-    return sel.indices[0].tolist()
+    ctx = Context(grid=grid, signals={ATT: attention(att_values)})
+    return get_method("holov").create(**options).select(tokens, k, ctx).indices[0].tolist()
 
 
 def test_defaults_and_crop_counts():

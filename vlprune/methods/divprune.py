@@ -1,4 +1,4 @@
-"""DivPrune: keep the most mutually different projected tokens (greedy max-min cosine distance).
+"""DivPrune (CVPR 2025): keep the most mutually different projected tokens (greedy max-min cosine distance).
 
 Importance scores favour a few salient regions and keep near-duplicates of them; DivPrune instead keeps
 a set that covers the image's feature space. It starts from the token whose nearest neighbour is

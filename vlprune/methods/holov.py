@@ -1,12 +1,11 @@
-"""HoloV (NeurIPS 2025, arXiv 2510.02912): share the budget over image regions by a holistic score.
+"""HoloV (NeurIPS 2025, arXiv 2510.02912): share the budget over image regions, not just hot spots.
 
-Pure top-k by attention piles the budget onto a few highlighted regions; HoloV cuts the patch grid into
-crops, scores every crop by its tokens' [CLS] attention plus the spread of their feature similarities
-(distinct tokens in a crop carry context), gives each crop a quota proportional to its score (floors,
-leftovers to the heaviest crops), then keeps each crop's top-quota tokens by [CLS] attention.
-Deviations: crops are 2-D grid rectangles (``crops_1d=True``: the reference's contiguous raster chunks);
-a crop's quota beyond its size goes to the other crops by weight, so exactly k real tokens come out
-(the reference zero-pads; not reproduced). Default crops = max(1, 1024 // k), at most N (paper App. A.3).
+Top-k by attention piles the budget onto a few highlighted regions; HoloV cuts the grid into crops, scores
+each by its tokens' [CLS] attention plus the spread of their feature similarities, gives each crop a quota
+proportional to its score (floors, leftovers to the heaviest crops) and keeps its top tokens by attention.
+Deviations: crops are 2-D grid rectangles (``crops_1d=True``: the reference's contiguous raster chunks), and
+quota beyond a crop's size goes to the other crops by weight, so exactly k real tokens come out (the
+reference zero-pads; not reproduced). Default crops = max(1, 1024 // k), at most N (paper App. A.3).
 """
 from __future__ import annotations
 
@@ -66,11 +65,16 @@ def holistic_scores(tokens, attn, members, sizes, alpha: float) -> torch.Tensor:
     return (att + alpha * gamma[..., None] * var) * valid
 
 
+def _descending_ranks(values: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every entry along the last dim, largest first; ties: lower position first."""
+    order = values.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 def _top_up(weights, count, eligible):
     """+1 for the ``count`` (B,) heaviest eligible crops of each row (ties: lower crop index)."""
-    key = torch.where(eligible, weights, torch.full_like(weights, -1.0))
-    order = key.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = _descending_ranks(torch.where(eligible, weights, torch.full_like(weights, -1.0)))
     return (rank < count[:, None]).long()
 
 
@@ -112,12 +116,14 @@ class HoloV(Method):
             raise VlpruneError(f"crops must be an int >= 1, or None for max(1, 1024 // k); got {c!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
                 math.isfinite(self.alpha) and self.alpha >= 0):
-            raise VlpruneError(f"alpha must be a finite number >= 0 (weight of the similarity variance), got {self.alpha!r}")
+            raise VlpruneError(
+                f"alpha must be a finite number >= 0 (weight of the similarity variance), got {self.alpha!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (
                 math.isfinite(self.tau) and self.tau > 0):
             raise VlpruneError(f"tau must be a finite number > 0 (sharpness of the crop weights), got {self.tau!r}")
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise VlpruneError(f"layer must be an int encoder layer index (negative counts from the end), got {self.layer!r}")
+            raise VlpruneError(
+                f"layer must be an int encoder layer index (negative counts from the end), got {self.layer!r}")
         if not isinstance(self.crops_1d, bool):
             raise VlpruneError(f"crops_1d must be True or False, got {self.crops_1d!r}")
 
@@ -145,11 +151,9 @@ class HoloV(Method):
 
         # inside each crop, the quota goes to the tokens with the most [CLS] attention
         att = torch.cat([attn, attn.new_full((b, 1), -math.inf)], dim=1)[:, members]  # (B, C, M)
-        order = att.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        keep_slot = (rank < quotas[..., None]) & valid
+        keep_slot = (_descending_ranks(att) < quotas[..., None]) & valid
         flat = members.reshape(1, -1).expand(b, -1)
         keep = torch.zeros(b, n + 1, dtype=torch.bool, device=tokens.device).scatter_(1, flat, keep_slot.reshape(b, -1))
         indices = (~keep[:, :n]).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # kept tokens, ascending
-        scores = torch.zeros(b, n + 1, dtype=holistic.dtype, device=tokens.device).scatter_(1, flat, holistic.reshape(b, -1))
-        return Selection(indices, scores[:, :n])
+        scores = holistic.new_zeros(b, n + 1).scatter_(1, flat, holistic.reshape(b, -1))[:, :n]
+        return Selection(indices, scores)

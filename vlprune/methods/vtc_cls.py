@@ -28,7 +28,8 @@ class VTCCLS(Method):
         for name in ("start_layer", "end_layer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise VlpruneError(f"{name} must be an int encoder layer index (negative counts from the end), got {value!r}")
+                raise VlpruneError(
+                    f"{name} must be an int encoder layer index (negative counts from the end), got {value!r}")
         if (self.start_layer < 0) != (self.end_layer < 0):
             raise VlpruneError(
                 f"start_layer={self.start_layer} and end_layer={self.end_layer} must be both negative (counted "
