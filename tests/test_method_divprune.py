@@ -92,3 +92,14 @@ def test_bf16_tokens_are_compared_in_float32():
     tokens = circle(ANGLES).to(torch.bfloat16)
     sel = get_method("divprune").create().select(tokens, 3, Context(grid=(2, 3)))
     assert sel.indices[0].tolist() == sorted(ORDER[:3]) and sel.scores.dtype == torch.float32
+
+
+def test_batch_equals_singles_bit_for_bit_at_llava_size():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(3, 576, 64, generator=g)
+    m = get_method("divprune").create()
+    for k in (1, 64, 144, 575):
+        sel = m.select(tokens, k, Context(grid=(24, 24)))
+        for i in range(3):
+            one = m.select(tokens[i:i + 1], k, Context(grid=(24, 24)))
+            assert torch.equal(one.indices[0], sel.indices[i]) and torch.equal(one.scores[0], sel.scores[i])

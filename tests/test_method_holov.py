@@ -146,3 +146,14 @@ def test_bad_options(options, needle):
     with pytest.raises(vlprune.VlpruneError) as err:
         get_method("holov").create(**options)
     assert needle in str(err.value)
+
+
+def test_batch_equals_singles_bit_for_bit_at_llava_size():
+    g = torch.Generator().manual_seed(3)
+    tokens, att = torch.randn(3, 576, 64, generator=g), torch.softmax(3 * torch.randn(3, 16, 576, generator=g), -1)
+    m = get_method("holov").create()
+    for k in (1, 64, 144, 575):
+        sel = m.select(tokens, k, Context((24, 24), {ATT: att}))
+        for i in range(3):
+            one = m.select(tokens[i:i + 1], k, Context((24, 24), {ATT: att[i:i + 1]}))
+            assert torch.equal(one.indices[0], sel.indices[i]) and torch.equal(one.scores[0], sel.scores[i])
