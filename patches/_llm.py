@@ -38,22 +38,31 @@ def _bool_or_additive(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 class LLMPruning:
+    """Drop image tokens at decoder layer K = ``method.layer`` (None: the middle layer).
+
+    With ``method.threshold`` set (visual_exit), K is only the earliest layer: the drop happens at the
+    first layer >= K where the anchor token's attention mass on the image tokens at the previous layer
+    is below the threshold in every row of the batch.
+    """
+
     def __init__(self, patcher, layers, method):
         n = len(layers)
-        k_layer = method.layer
+        k_layer = n // 2 if method.layer is None else method.layer
         if not isinstance(k_layer, int) or not 1 <= k_layer < n:
             raise VlpruneError(f"layer={k_layer!r} is out of range for method={method.name!r} on a {n}-layer LM "
                                f"(allowed 1..{n - 1}: the decoder layer from which image tokens are dropped)")
         self.patcher, self.method, self.k_layer = patcher, method, k_layer
+        self.threshold = getattr(method, "threshold", None)
         self.pending = None
         self.sessions = weakref.WeakKeyDictionary()
-        attn = layers[k_layer - 1].self_attn
-        self.attn = attn
-        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         ledger = patcher.ledger
-        ledger.hook(attn.register_forward_pre_hook(self._grab_kwargs, with_kwargs=True))
-        ledger.hook(attn.q_proj.register_forward_hook(self._keep_q))
-        ledger.hook(attn.k_proj.register_forward_hook(self._on_k))
+        self.rope = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        watched = range(k_layer - 1, n - 1) if self.threshold is not None else [k_layer - 1]
+        for idx in watched:  # layers whose anchor attention row decides at the next layer
+            attn = layers[idx].self_attn
+            ledger.hook(attn.register_forward_pre_hook(functools.partial(self._grab_kwargs, idx), with_kwargs=True))
+            ledger.hook(attn.q_proj.register_forward_hook(functools.partial(self._keep_q, idx)))
+            ledger.hook(attn.k_proj.register_forward_hook(functools.partial(self._on_k, idx, attn)))
         for idx in range(k_layer, n):
             hook = functools.partial(self._before_layer, idx)
             ledger.hook(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
@@ -61,26 +70,28 @@ class LLMPruning:
     # -- per call ---------------------------------------------------------------------------------
     def begin(self, image_mask, blocks, rows, anchor, n, k):
         self.pending = {"image_mask": image_mask, "blocks": blocks, "rows": rows, "anchor": anchor,
-                        "n": n, "k": k, "cols": None}
+                        "n": n, "k": k, "cols": None, "exit": None}
 
     def end(self):
         self.pending = None
 
-    # -- layer K-1: the anchor token's attention row ----------------------------------------------
-    def _grab_kwargs(self, _module, _args, kwargs):
-        if self.pending is not None and self.pending["cols"] is None:
+    def _watching(self, idx) -> bool:
+        return self.pending is not None and self.pending["cols"] is None
+
+    # -- layer before the exit: the anchor token's attention row ----------------------------------
+    def _grab_kwargs(self, idx, _module, _args, kwargs):
+        if self._watching(idx):
             self.pending["rope"] = kwargs.get("position_embeddings")
             self.pending["mask"] = kwargs.get("attention_mask")
 
-    def _keep_q(self, _module, _inputs, output):
-        if self.pending is not None and self.pending["cols"] is None:
+    def _keep_q(self, idx, _module, _inputs, output):
+        if self._watching(idx):
             self.pending["q"] = output
 
-    def _on_k(self, _module, _inputs, output):
+    def _on_k(self, idx, attn, _module, _inputs, output):
         p = self.pending
-        if p is None or p["cols"] is not None or "q" not in p:
+        if not self._watching(idx) or "q" not in p:
             return
-        attn, cfg = self.attn, self.attn.config
         b, length, _ = output.shape
         q = p.pop("q").view(b, length, -1, attn.head_dim).transpose(1, 2)
         k = output.view(b, length, -1, attn.head_dim).transpose(1, 2)
@@ -88,7 +99,7 @@ class LLMPruning:
         q, k = self.rope(q, k, cos, sin)
         rows = torch.arange(b, device=q.device)
         q_last = q[rows, :, p["anchor"]].unsqueeze(2).float()  # (B, H, 1, d)
-        k = k.float().repeat_interleave(cfg.num_attention_heads // k.shape[1], dim=1)
+        k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = (q_last @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
         mask = p.pop("mask")
         if mask is not None and not isinstance(mask, dict):
@@ -106,7 +117,7 @@ class LLMPruning:
         pos = torch.stack(blocks)  # (I, N, 2): (row, column) of each image's placeholders
         scores = attention[pos[..., 0], :, pos[..., 1]].transpose(1, 2)  # (I, H, N)
         tokens = hidden[pos[..., 0], pos[..., 1]]  # (I, N, D)
-        sig = Signal("last_attention", self.k_layer - 1)
+        sig = Signal("last_attention", self.k_layer - 1)  # fixed-layer methods read layer K-1
         method = self.method
         k = p["k"]
         if k == 0:
@@ -126,27 +137,40 @@ class LLMPruning:
         self.patcher.handle.last = self.patcher.records(p["rows"], p["n"], k, sel)
         return p["cols"]
 
+    def _exit_now(self) -> bool:
+        """Fixed layer: always. Threshold: the image's share of the anchor's attention fell below it."""
+        if self.threshold is None:
+            return True
+        p = self.pending
+        image = p["image_mask"].unsqueeze(1).float()  # (B, 1, L)
+        mass = (p["attention"] * image).sum(-1).mean(1)  # head mean, per row
+        return bool((mass < self.threshold).all())
+
     def _before_layer(self, idx, _module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache")
         p = self.pending
         if p is not None:  # prefill of a pruned call
             length = p["image_mask"].shape[1]
-            if idx == self.k_layer:
+            if p["cols"] is None:
+                if not self._exit_now():
+                    p.pop("attention", None)
+                    return None
                 cols = self._select(hidden)
                 hidden = gather_seq(hidden, cols)
+                p["exit"] = idx
                 # keys cached before this call (a continued conversation) stay; layer 0 already holds ours
                 p["past"] = cache.get_seq_length() - length if cache is not None else 0
                 if cache is not None:
                     past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
-                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length)
+                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length, idx)
             cols = p["cols"]
             q_cols = cols
         else:
             session = self.sessions.get(cache) if cache is not None else None
-            if session is None:
+            if session is None or idx < session[2]:  # layers before the exit kept every token
                 return None
-            cols, length = session
+            cols, length, _ = session
             q_cols = None
         new = dict(kwargs)
         if q_cols is not None:

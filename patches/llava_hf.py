@@ -280,6 +280,8 @@ class LlavaHF(Patcher):
         else:
             anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
         labels = kw.pop("labels", None)
+        full = torch.arange(n, device=image_mask.device)
+        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop
         self.llm.begin(image_mask, blocks, rows, anchor, n, k)
         try:
             out = original(**kw)
@@ -287,7 +289,7 @@ class LlavaHF(Patcher):
         finally:
             self.llm.end()
         if labels is not None:  # the loss over the positions that reached the head
-            out.loss = self.model.loss_function(logits=out.logits, labels=labels.gather(1, cols),
+            out.loss = self.model.loss_function(logits=out.logits, labels=labels if cols is None else labels.gather(1, cols),
                                                 vocab_size=self.model.config.text_config.vocab_size)
         return out
 

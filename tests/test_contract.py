@@ -51,36 +51,49 @@ def no_hooks_left(model, before):
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__ and "_vlprune" not in model.__dict__
 
 
+def budget(method, **kw):
+    """The budget keywords a method takes (methods that are not budgeted take none)."""
+    return kw if get_method(method).budgeted else {}
+
+
+def expected_keep(method, k):
+    return k if get_method(method).budgeted else 0
+
+
 def lm_entry(handle):
     """Where the pruned sequence starts: the LM input, or decoder layer K for methods inside the LM."""
-    return handle.method.layer if handle.method.stage == "llm" else None
+    return handle._patcher.llm.k_layer if handle.method.stage == "llm" else None
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_image_positions_reaching_lm_are_k_per_image(llava, method):
     ids, mask = batch([prompt(n_images=2)])
-    with vlprune.pruned(llava, method, ratio=0.75) as h:
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
         rec = LMInputs(llava, lm_entry(h))  # registered after the patch's own hooks: sees their result
         try:
             run(llava, ids, mask, pixels(2))
         finally:
             rec.close()
-        assert [(r.before, r.after, r.row) for r in h.last] == [(N, 4, 0), (N, 4, 0)]
-    assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - 4)
+        k = expected_keep(method, 4)
+        assert [(r.before, r.after, r.row) for r in h.last] == [(N, k, 0), (N, k, 0)]
+    assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - k)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_kept_indices_unique_sorted_in_range(llava, method):
     ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
-    with vlprune.pruned(llava, method, keep=5) as h:
+    with vlprune.pruned(llava, method, **budget(method, keep=5)) as h:
         run(llava, ids, mask, pixels(2))
         for r in h.last:
             kept = r.kept.tolist()
-            assert len(kept) == 5 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < N
+            assert len(kept) == expected_keep(method, 5) and kept == sorted(set(kept))
+            assert all(0 <= i < N for i in kept)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_ratio_zero_is_bit_identical(llava, method):
+    if not get_method(method).budgeted:
+        pytest.skip("not budgeted: it has no ratio 0 (its identity is handle.disabled(), tested elsewhere)")
     ids, mask = batch([prompt()])
     pv = pixels(1)
     ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
@@ -98,7 +111,7 @@ def test_remove_restores_bit_identical(llava, method):
     pv = pixels(1)
     ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
     before = hook_state(llava)
-    h = vlprune.patch(llava, method, ratio=0.5)
+    h = vlprune.patch(llava, method, **budget(method, ratio=0.5))
     pruned_ids = gen(llava, ids, mask, pv)
     assert pruned_ids.shape[1] == ref_ids.shape[1]
     h.remove()
@@ -111,7 +124,7 @@ def test_remove_restores_bit_identical(llava, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_keeps_output_contract(llava, method):
     ids, mask = batch([prompt()])
-    with vlprune.pruned(llava, method, ratio=0.75):
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)):
         out = gen(llava, ids, mask, pixels(1), max_new_tokens=4)
         assert out.shape == (1, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
         dict_out = gen(llava, ids, mask, pixels(1), max_new_tokens=4, return_dict_in_generate=True)
@@ -124,7 +137,7 @@ def test_generate_keeps_output_contract(llava, method):
 def test_batch_with_left_padding_equals_single_runs(llava, method):
     prompts = [prompt(text_before=(1, 7, 8, 9, 10, 11)), prompt(text_before=(1,))]
     pv = pixels(2)
-    with vlprune.pruned(llava, method, ratio=0.5):
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
         singles = [gen(llava, *batch([p]), pv[i : i + 1]) for i, p in enumerate(prompts)]
         ids, mask = batch(prompts)
         both = gen(llava, ids, mask, pv)
@@ -138,10 +151,10 @@ def test_batch_with_different_image_counts_repads(llava, method):
     prompts = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=(1, 8, 9))]
     pv = pixels(3)
     if get_method(method).stage == "llm":  # rows cannot have different lengths mid-network: a clear error
-        with vlprune.pruned(llava, method, ratio=0.5), pytest.raises(vlprune.VlpruneError, match="same number of images"):
+        with vlprune.pruned(llava, method, **budget(method, ratio=0.5)), pytest.raises(vlprune.VlpruneError, match="same number of images"):
             gen(llava, *batch(prompts), pv)
         return
-    with vlprune.pruned(llava, method, ratio=0.5) as h:
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)) as h:
         singles = [gen(llava, *batch([prompts[0]]), pv[:2]), gen(llava, *batch([prompts[1]]), pv[2:])]
         ids, mask = batch(prompts)
         both = gen(llava, ids, mask, pv)
@@ -153,7 +166,7 @@ def test_batch_with_different_image_counts_repads(llava, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_with_cache_equals_without(llava, method):
     ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
-    with vlprune.pruned(llava, method, ratio=0.5):
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
         assert torch.equal(gen(llava, ids, mask, pixels(2), use_cache=True), gen(llava, ids, mask, pixels(2), use_cache=False))
 
 
@@ -163,7 +176,7 @@ def test_context_manager_restores_on_exception(llava, method):
     ref = run(llava, ids, mask, pixels(1)).logits
     before = hook_state(llava)
     with pytest.raises(RuntimeError, match="boom"):
-        with vlprune.pruned(llava, method, ratio=0.5):
+        with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
             run(llava, ids, mask, pixels(1))
             raise RuntimeError("boom")
     no_hooks_left(llava, before)
@@ -178,7 +191,7 @@ def test_survivors_are_the_projected_selection(llava, method):
     rec = LMInputs(llava)
     try:
         run(llava, ids, mask, pv)
-        with vlprune.pruned(llava, method, ratio=0.75) as h:
+        with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
             run(llava, ids, mask, pv)
             kept = h.last[0].kept
     finally:
@@ -213,7 +226,7 @@ def test_forward_with_labels_shortens_labels(llava, method):
     ids, mask = batch([prompt()])
     labels = ids.clone()
     labels[ids == IMAGE_TOKEN] = -100
-    with vlprune.pruned(llava, method, ratio=0.75) as h:
+    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
         out = run(llava, ids, mask, pixels(1), labels=labels)
         keep = torch.ones_like(ids, dtype=torch.bool)
         image = (ids[0] == IMAGE_TOKEN).nonzero().flatten()
@@ -229,7 +242,7 @@ def test_forward_with_labels_shortens_labels(llava, method):
 def test_merge_records_name_their_sources(llava, method):
     """Merging methods say which source tokens each output merged; the token an output stands for is among them."""
     ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
-    with vlprune.pruned(llava, method, keep=5) as h:
+    with vlprune.pruned(llava, method, **budget(method, keep=5)) as h:
         run(llava, ids, mask, pixels(2))
     for rec in h.last:
         if rec.sources is None:

@@ -39,8 +39,15 @@ class Handle:
     def __init__(self, model, config: PatchConfig):
         self.model = model
         self.config = config
-        self.budget = Budget(ratio=config.ratio, keep=config.keep)
-        self.method = get_method(config.method).create(**config.options)
+        cls = get_method(config.method)
+        if cls.budgeted:
+            self.budget = Budget(ratio=config.ratio, keep=config.keep)
+        elif config.ratio is not None or config.keep is not None:
+            raise VlpruneError(f"method={config.method!r} decides by itself how many visual tokens to drop; "
+                               f"it takes no ratio= or keep= (got ratio={config.ratio!r}, keep={config.keep!r})")
+        else:
+            self.budget = None
+        self.method = cls.create(**config.options)
         self.last: list = []  # ImageRecord per image of the most recent call
         self.active = False
         self._disabled = False
@@ -90,7 +97,7 @@ def patch(model, method: str, *, ratio: float | None = None, keep: int | None = 
     """Prune the visual tokens of ``model`` with ``method``, in place, through hooks.
 
     Exactly one of ``ratio`` (fraction of visual tokens removed, in [0, 1)) and ``keep`` (tokens kept
-    per image, >= 1). ``positions``: ``"contiguous"`` renumbers survivors' LM position ids as the papers
+    per image, >= 1) - none for methods that are not budgeted (``visual_exit``). ``positions``: ``"contiguous"`` renumbers survivors' LM position ids as the papers
     do; ``"original"`` keeps each survivor's original position id. Other keywords are method options.
     Patching an already patched model replaces the earlier patch.
     """

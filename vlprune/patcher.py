@@ -59,7 +59,8 @@ class Patcher:
         return self.handle.active and not self.handle._disabled
 
     def keep_count(self, n: int) -> int:
-        return self.handle.budget.tokens_for(n)
+        """Tokens an image of n keeps; 0 for methods that drop every image token (not budgeted)."""
+        return 0 if self.handle.budget is None else self.handle.budget.tokens_for(n)
 
     def prune(self, tokens: torch.Tensor, grid: tuple[int, int], signals: dict) -> tuple[torch.Tensor, Selection]:
         """Run the method on (B, N, D) tokens; return the (B, k, D) survivors and the sorted selection."""

@@ -80,6 +80,7 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     stage: ClassVar[str] = "encoder"
+    budgeted: ClassVar[bool] = True  # False: the method decides how much to drop (no ratio/keep)
 
     @classmethod
     def create(cls, **options) -> "Method":
