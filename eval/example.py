@@ -1,14 +1,15 @@
 """``vlprune-example``: patch a LLaVA-1.5-shaped model with every method and show what changes.
 
 The model is built locally from configs with **random weights** (nothing is downloaded): a CLIP vision
-tower with the real LLaVA-1.5 geometry (336 px images, 14 px patches, 576 patch tokens) but few, narrow
-layers, and a small Llama language model. Random weights mean the numbers below are about token counts
+tower with the real LLaVA-1.5 geometry (336 px images, 14 px patches, 576 patch tokens, 24 layers) but
+narrow, and a small Llama language model. Random weights mean the numbers below are about token counts
 and prefill latency only; they say nothing about answer quality.
 
 For each method and ratio the script patches the model, times the prefill (the median of ``--repeats``
 forward passes after one warm-up), reads ``handle.last`` for the visual tokens kept, and removes the
 patch again. It also runs greedy ``generate`` once per method and checks the unchanged output contract
-(the prompt ids come back in front of the new ids), and that ratio 0 gives bit-identical logits.
+(the prompt ids come back in front of the new ids), and that ratio 0 gives bit-identical logits. A
+method this model's patcher cannot serve is listed as skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from PIL import Image, ImageDraw
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlprune
+from vlprune.budget import Budget
+from vlprune.registry import get_method
 
 IMAGE_SIZE = 336  # CLIP ViT-L/14-336, as in LLaVA-1.5
 PATCH = 14  # -> 24 x 24 = 576 patch tokens (+ [CLS])
@@ -36,13 +39,18 @@ NOISY = 1.5  # slowest / fastest run of one setting above this: the timing was d
 
 
 def build_model(seed: int = 0) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model with random weights: real vision geometry, cheap widths and depths."""
+    """A LLaVA-1.5-shaped model with random weights: real vision geometry and depth, cheap widths.
+
+    The tower has CLIP ViT-L/14-336's 577 tokens and 24 layers (so every method's layer indices mean
+    what they mean on the real checkpoint) but is 64 wide instead of 1024. The LM has 4 layers, enough
+    for methods that act inside it from decoder layer 2 on.
+    """
     vision = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=256, intermediate_size=1024,
-        num_hidden_layers=4, num_attention_heads=4, projection_dim=256,
+        image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64, intermediate_size=256,
+        num_hidden_layers=24, num_attention_heads=4, projection_dim=64,
     )
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
     )
@@ -114,30 +122,30 @@ def machine(device: torch.device) -> str:
 def timed_prefill(model, inputs: dict, repeats: int, device: torch.device, handle=None):
     """Median prefill wall times (ms) of the model as patched and, if ``handle`` is given, unpruned.
 
-    The two are measured alternately (unpruned through ``handle.disabled()``), after one warm-up each,
-    so that load from other processes on a shared machine hits both alike. Returns (pruned ms,
-    unpruned ms or None, noisy, output of the last pruned call); ``noisy`` says that the slowest and the
-    fastest run of one kind differ by more than 1.5x, i.e. something else was competing for the device.
+    The two are measured alternately (unpruned through ``handle.disabled()``), after one warm-up, so
+    that load from other processes on a shared machine hits both alike. Returns (pruned ms, unpruned ms
+    or None, noisy, output of the last pruned call); ``noisy`` says that the slowest and the fastest run
+    of one kind differ by more than ``NOISY`` times, i.e. something else was competing for the machine.
     """
 
-    def once(disabled: bool):
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def once(disabled: bool):
+        sync()
         t0 = time.perf_counter()
         if disabled:
             with handle.disabled():
                 out = model(**inputs)
         else:
             out = model(**inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         return (time.perf_counter() - t0) * 1000.0, out
 
     pruned, unpruned = [], []
     with torch.inference_mode():
-        _, out = once(False)  # warm-up
-        if handle is not None:
-            once(True)
+        _, out = once(False)  # warm-up (the unpruned path is warm from the unpatched baseline)
         for _ in range(repeats):
             if handle is not None:
                 unpruned.append(once(True)[0])
@@ -145,6 +153,14 @@ def timed_prefill(model, inputs: dict, repeats: int, device: torch.device, handl
             pruned.append(ms)
     noisy = any(max(t) > NOISY * min(t) for t in (pruned, unpruned) if t)
     return statistics.median(pruned), (statistics.median(unpruned) if unpruned else None), noisy, out
+
+
+def budgets(method: str, ratios: list[float]) -> list[tuple[str, dict]]:
+    """(label, keyword arguments) per setting: one per ratio, or one setting for a method that decides
+    by itself how many tokens to drop (``budgeted = False``, e.g. ``visual_exit``)."""
+    if get_method(method).budgeted:
+        return [(f"{r:g}", {"ratio": r}) for r in ratios]
+    return [("own", {})]
 
 
 def main(argv=None) -> int:
@@ -171,10 +187,16 @@ def main(argv=None) -> int:
         ap.error("--repeats must be >= 1")
     if not args.ratios:
         ap.error("--ratios needs at least one ratio")
+    n_patches = (IMAGE_SIZE // PATCH) ** 2
+    for ratio in args.ratios:
+        try:
+            Budget(ratio=ratio).tokens_for(n_patches)
+        except vlprune.VlpruneError as err:
+            ap.error(f"--ratios: {err}")
     device = torch.device(args.device)
 
     model = build_model(args.seed).to(device)
-    n_patches = (IMAGE_SIZE // PATCH) ** 2
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
     ids = prompt_ids(n_patches).to(device)
     inputs = {
         "input_ids": ids,
@@ -184,30 +206,41 @@ def main(argv=None) -> int:
 
     print("vlprune example: LLaVA-1.5-shaped LlavaForConditionalGeneration built from configs, RANDOM WEIGHTS.")
     print("  The numbers show token counts and prefill latency only; random weights say nothing about accuracy.")
-    print(f"  vision: CLIP {IMAGE_SIZE}px / {PATCH}px patches = {n_patches} patch tokens, 4 layers x 256 wide; "
-          f"LM: Llama 2 layers x 256 wide; prompt {ids.shape[1]} tokens")
+    print(f"  vision: CLIP {vcfg.image_size}px / {vcfg.patch_size}px patches = {n_patches} patch tokens, "
+          f"{vcfg.num_hidden_layers} layers x {vcfg.hidden_size} wide; LM: Llama {tcfg.num_hidden_layers} layers x "
+          f"{tcfg.hidden_size} wide; prompt {ids.shape[1]} tokens")
     print(f"  machine: {machine(device)}")
-    print(f"  prefill = median of {args.repeats} forward pass(es) after one warm-up, under torch.inference_mode")
+    print(f"  prefill = median of {args.repeats} forward pass(es) after one warm-up, under torch.inference_mode; "
+          "LM seq = positions in the output logits")
     print()
 
     base_ms, _, any_noisy, base_out = timed_prefill(model, inputs, args.repeats, device)
     base_logits = base_out.logits
-    rows = [("(unpatched)", "-", f"{n_patches}", str(ids.shape[1]), f"{base_ms:.1f}", "", "", "")]
+    star = {True: "*", False: ""}
+    rows = [("(unpatched)", "-", f"{n_patches}", str(ids.shape[1]), f"{base_ms:.1f}{star[any_noisy]}", "", "", "")]
     failures = []
+    skipped = {}  # method -> why this model cannot take it
     for name in names:
-        for ratio in args.ratios:
-            with vlprune.pruned(model, name, ratio=ratio) as handle:
+        for label, budget in budgets(name, args.ratios):
+            try:
+                handle = vlprune.patch(model, name, **budget)
+            except vlprune.VlpruneError as err:  # e.g. a stage this model's patcher does not serve
+                skipped[name] = str(err)
+                rows.append((name, "-", "-", "-", "-", "-", "-", "skipped (see below)"))
+                break
+            with handle:
                 ms, unpruned_ms, noisy, out = timed_prefill(model, inputs, args.repeats, device, handle)
                 any_noisy |= noisy
-                rec = handle.last[0]
+                rec = handle.last[0] if handle.last else None
             note = ""
-            if ratio == 0:
+            if rec is not None and rec.after == rec.before:  # nothing pruned: must be the unpatched computation, bit for bit
                 same = torch.equal(out.logits, base_logits)
                 note = "logits bit-identical" if same else "LOGITS DIFFER"
                 if not same:
-                    failures.append(f"{name} ratio 0: logits differ from the unpatched model")
-            rows.append((name, f"{ratio:g}", f"{rec.before}->{rec.after}", str(out.logits.shape[1]),
-                         f"{ms:.1f}", f"{unpruned_ms:.1f}", f"{unpruned_ms / ms:.2f}x" + ("*" if noisy else ""), note))
+                    failures.append(f"{name} ratio {label}: nothing pruned, yet logits differ from the unpatched model")
+            tokens = "-" if rec is None else f"{rec.before}->{rec.after}"
+            rows.append((name, label, tokens, str(out.logits.shape[1]),
+                         f"{ms:.1f}{star[noisy]}", f"{unpruned_ms:.1f}", f"{unpruned_ms / ms:.2f}x", note))
 
     header = ("method", "ratio", "visual tokens", "LM seq", "prefill ms", "unpruned ms", "speed-up", "check")
     table = [header] + rows
@@ -218,24 +251,29 @@ def main(argv=None) -> int:
             print("  ".join("-" * w for w in widths))
     print("  (unpruned ms: the same model with the patch disabled, timed alternately with the pruned runs; "
           "speed-up = unpruned / pruned)")
+    for name, why in skipped.items():
+        print(f"  {name} skipped: {why}")
     if any_noisy:
-        print(f"  * noisy: runs of one setting differed by more than {NOISY}x; another process was probably "
-              "competing for the CPU. Rerun on an idle machine, or with more --repeats, for stable timings.")
+        print(f"  * noisy: the timed runs of this setting (pruned or unpruned) differed by more than {NOISY}x; "
+              "something else was probably competing for the machine. Rerun on an idle machine, or with more "
+              "--repeats, for stable timings.")
     print()
 
     gen_ratio = max(args.ratios)
-    print(f"generate(max_new_tokens=8, do_sample=False) at ratio {gen_ratio:g}: output must start with the "
-          f"{ids.shape[1]} prompt ids")
-    gen_inputs = dict(inputs)
-    for name in names:
-        with vlprune.pruned(model, name, ratio=gen_ratio) as handle, torch.inference_mode():
-            out = model.generate(**gen_inputs, max_new_tokens=8, do_sample=False)
-            rec = handle.last[0]
+    print(f"generate(max_new_tokens=8, do_sample=False) at ratio {gen_ratio:g} (unbudgeted methods: their own): "
+          f"output must start with the {ids.shape[1]} prompt ids")
+    width = max(len(n) for n in names)
+    for name in (n for n in names if n not in skipped):
+        budget = budgets(name, [gen_ratio])[0][1]
+        with vlprune.pruned(model, name, **budget) as handle, torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            rec = handle.last[0] if handle.last else None
         starts = out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids)
         if not starts:
             failures.append(f"{name}: generate output does not start with the prompt ids")
         new = out[0, ids.shape[1]:].tolist()
-        print(f"  {name:<10} visual {rec.before}->{rec.after}  output {out.shape[1]} ids = prompt + {len(new)} new "
+        tokens = "-" if rec is None else f"{rec.before}->{rec.after}"
+        print(f"  {name:<{width}} visual {tokens}  output {out.shape[1]} ids = prompt + {len(new)} new "
               f"{new}  starts with prompt: {'yes' if starts else 'NO'}")
 
     with torch.inference_mode():
