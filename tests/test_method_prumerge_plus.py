@@ -14,7 +14,8 @@ Q, K, KC = Signal("cls_query", -1), Signal("keys", -1), Signal("cls_key", -1)
 
 def test_score_is_one_full_width_head_with_cls_key_in_the_softmax():
     g = torch.Generator().manual_seed(0)
-    q, keys, kc = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    q, keys = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    kc = torch.randn(2, 3, 4, generator=g)
     # heads concatenated the way the projection laid them out: head 0's dims first
     qf = torch.cat([q[:, h] for h in range(3)], dim=-1)                        # (2, 12)
     kf = torch.cat([torch.cat([kc[:, h : h + 1], keys[:, h]], dim=1) for h in range(3)], dim=-1)  # (2, 8, 12)
@@ -142,12 +143,14 @@ def test_batch_equals_singles_bit_for_bit_at_llava_size():
     g = torch.Generator().manual_seed(2)
     n, b = 576, 3
     tokens = torch.randn(b, n, 64, generator=g)
-    sig = {Q: torch.randn(b, 16, 64, generator=g), K: torch.randn(b, 16, n, 64, generator=g), KC: torch.randn(b, 16, 64, generator=g)}
+    sig = {Q: torch.randn(b, 16, 64, generator=g), K: torch.randn(b, 16, n, 64, generator=g),
+           KC: torch.randn(b, 16, 64, generator=g)}
     m = get_method("prumerge_plus").create()
     for k in (1, 64, 144, 575):
         sel = m.select(tokens, k, Context(grid=(24, 24), signals=sig))
         for i in range(b):
-            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals={s: v[i : i + 1] for s, v in sig.items()}))
+            single = {s: v[i : i + 1] for s, v in sig.items()}
+            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals=single))
             assert torch.equal(one.indices[0], sel.indices[i])
             if sel.tokens is not None:
                 assert torch.equal(one.tokens[0], sel.tokens[i]) and torch.equal(one.sources[0], sel.sources[i])

@@ -40,7 +40,8 @@ def attention():
 def test_known_redundancy_gives_known_quotas(k, quota):
     """Quotas follow the non-redundant counts 0:2:4:4; full quadrants pass their overflow on."""
     tokens = torch.randn(1, 16, 3)
-    sel = get_method("tcc").create().select(tokens, k, Context(grid=(4, 4), signals={ATT: attention(), KEYS: keys_with_redundancy()}))
+    ctx = Context(grid=(4, 4), signals={ATT: attention(), KEYS: keys_with_redundancy()})
+    sel = get_method("tcc").create().select(tokens, k, ctx)
     kept = set(sel.indices[0].tolist())
     assert len(kept) == k
     assert [len(kept & set(c)) for c in CROPS] == quota
@@ -119,7 +120,8 @@ def test_batch_equals_singles_bit_for_bit_at_llava_size():
     for k in (1, 64, 144, 575):
         sel = m.select(tokens, k, Context(grid=(24, 24), signals=sig))
         for i in range(b):
-            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals={s: v[i : i + 1] for s, v in sig.items()}))
+            single = {s: v[i : i + 1] for s, v in sig.items()}
+            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals=single))
             assert torch.equal(one.indices[0], sel.indices[i])
             if sel.tokens is not None:
                 assert torch.equal(one.tokens[0], sel.tokens[i]) and torch.equal(one.sources[0], sel.sources[i])

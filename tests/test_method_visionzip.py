@@ -124,7 +124,8 @@ def test_batch_equals_singles_bit_for_bit_at_llava_size():
     for k in (1, 64, 144, 575):
         sel = m.select(tokens, k, Context(grid=(24, 24), signals=sig))
         for i in range(b):
-            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals={s: v[i : i + 1] for s, v in sig.items()}))
+            single = {s: v[i : i + 1] for s, v in sig.items()}
+            one = m.select(tokens[i : i + 1], k, Context(grid=(24, 24), signals=single))
             assert torch.equal(one.indices[0], sel.indices[i])
             if sel.tokens is not None:
                 assert torch.equal(one.tokens[0], sel.tokens[i]) and torch.equal(one.sources[0], sel.sources[i])

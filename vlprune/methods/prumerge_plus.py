@@ -72,7 +72,8 @@ class PruMergePlus(Method):
             raise VlpruneError(
                 f"neighbours={self.neighbours!r} is invalid for method='prumerge_plus' (allowed: an int >= 0)")
         if not isinstance(self.normalize, bool):
-            raise VlpruneError(f"normalize={self.normalize!r} is invalid for method='prumerge_plus' (allowed: True, False)")
+            raise VlpruneError(
+                f"normalize={self.normalize!r} is invalid for method='prumerge_plus' (allowed: True, False)")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise VlpruneError(
                 f"layer={self.layer!r} is invalid for method='prumerge_plus' (allowed: an int encoder layer index)")

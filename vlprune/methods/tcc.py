@@ -104,7 +104,8 @@ class TCC(Method):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1:
             raise VlpruneError(f"threshold={t!r} is invalid for method='tcc' (allowed: a number in [-1, 1])")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise VlpruneError(f"layer={self.layer!r} is invalid for method='tcc' (allowed: an int encoder layer index)")
+            raise VlpruneError(
+                f"layer={self.layer!r} is invalid for method='tcc' (allowed: an int encoder layer index)")
 
     def signals(self):
         return [Signal("cls_attention", self.layer), Signal("keys", self.layer)]

@@ -45,9 +45,11 @@ class VisionZip(Method):
     def __post_init__(self):
         r = self.contextual_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
-            raise VlpruneError(f"contextual_ratio={r!r} is invalid for method='visionzip' (allowed: a number in [0, 1))")
+            raise VlpruneError(
+                f"contextual_ratio={r!r} is invalid for method='visionzip' (allowed: a number in [0, 1))")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise VlpruneError(f"layer={self.layer!r} is invalid for method='visionzip' (allowed: an int encoder layer index)")
+            raise VlpruneError(
+                f"layer={self.layer!r} is invalid for method='visionzip' (allowed: an int encoder layer index)")
 
     def signals(self):
         return [Signal("cls_attention", self.layer), Signal("keys", self.layer)]
