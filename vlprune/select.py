@@ -44,3 +44,9 @@ def grid_shape(n: int) -> tuple[int, int]:
     if side * side != n:
         raise ValueError(f"{n} tokens do not form a square patch grid; the patcher must pass the grid explicitly")
     return side, side
+
+
+def per_image(op, *tensors):
+    """``op`` applied image by image: a batch gives bit for bit what its single images give (a batched
+    matrix product may take another BLAS path, and sum in another order, than an unbatched one)."""
+    return torch.stack([op(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])])

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
-from ..select import gather_tokens, grid_cells
+from ..select import per_image, gather_tokens, grid_cells
 from .base import Context, Method, Selection, Signal
 from .uniform import cell_centres
-from .visionzip import per_image
 
 
 @lru_cache(maxsize=64)

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
-from ..select import grid_cells, topk_indices
+from ..select import grid_cells, per_image, topk_indices
 from .base import Context, Method, Selection, Signal
-from .visionzip import per_image
 
 
 @lru_cache(maxsize=64)

@@ -15,14 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
-from ..select import gather_tokens
+from ..select import gather_tokens, per_image
 from .base import Context, Method, Selection, Signal
-
-
-def per_image(op, *tensors):
-    """``op`` applied image by image: a batch gives bit for bit what its single images give (a batched
-    matrix product may take another BLAS path, and sum in another order, than an unbatched one)."""
-    return torch.stack([op(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])])
 
 
 @register_method("visionzip")
