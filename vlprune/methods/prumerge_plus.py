@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
-from ..select import per_image, gather_tokens, grid_cells
+from ..select import gather_tokens, grid_cells, per_image
 from .base import Context, Method, Selection, Signal
 from .uniform import cell_centres
 
