@@ -18,7 +18,7 @@ KINDS = QK_KINDS + V_KINDS
 
 
 def resolve_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
         raise VlpruneError(
             f"{what}={layer} is out of range for a {n_layers}-layer vision encoder "
             f"(allowed {-n_layers}..{n_layers - 1}; negative counts from the end)"

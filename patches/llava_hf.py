@@ -15,7 +15,6 @@ are instance attributes recorded in the ledger.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
@@ -28,29 +27,9 @@ from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_po
 
 from ._clip import ClipTaps
 from ._llm import LLMPruning
+from ._wrap import wrap_method
 
 SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "labels": -100, "position_ids": 0}
-
-
-def named_arguments(signature: inspect.Signature, args, kwargs) -> dict:
-    """Positional + keyword arguments of a call as one name -> value dict (``**kwargs`` flattened)."""
-    bound = signature.bind_partial(*args, **kwargs).arguments
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
-            bound.update(bound.pop(name))
-    return dict(bound)
-
-
-def wrap_method(patcher, obj, name: str, impl):
-    """Install ``impl(original, **named_args)`` as an instance-level ``obj.name`` (recorded for undo)."""
-    original = getattr(obj, name)
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)  # keeps the signature that generate() inspects (position_ids etc.)
-    def wrapper(*args, **kwargs):
-        return impl(original, named_arguments(signature, args, kwargs))
-
-    patcher.ledger.set_attr(obj, name, wrapper)
 
 
 @register_patcher("LlavaForConditionalGeneration")
