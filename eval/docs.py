@@ -26,11 +26,12 @@ def _doc_line(obj) -> str:
 
 
 def methods_table() -> str:
-    lines = ["| method | how it chooses | stage | options (default) |", "|---|---|---|---|"]
+    lines = ["| method | source | how it chooses | stage | options (default) |", "|---|---|---|---|---|"]
     for name, summary in vlprune.methods().items():
         cls = registry.get_method(name)
+        source = _doc_line(sys.modules[cls.__module__]).split(": ", 1)[0]  # "FasterVLM (arXiv ...)"
         opts = ", ".join(f"`{f.name}={f.default!r}`" for f in dataclasses.fields(cls)) or "-"
-        lines.append(f"| `{name}` | {summary} | {cls.stage} | {opts} |")
+        lines.append(f"| `{name}` | {source} | {summary} | {cls.stage} | {opts} |")
     return "\n".join(lines)
 
 
