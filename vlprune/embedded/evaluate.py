@@ -1,0 +1,121 @@
+"""Held-out accuracy of the embedded model, unpruned and under ``vlprune.patch`` (greedy answers).
+
+    python -m vlprune.embedded.evaluate --n 500 --methods fastervlm,random,uniform,pool --ratios 0.75,0.889 \
+        --out assets/embedded/results.json
+
+Every row is measured on the same held-out items (``scenes.test_items``), through the model's processor
+and ``generate``, exactly as a user calls it. Two rows are not pruning settings: ``keep=1`` (one visual
+token left: nearly no image) and ``prior`` (the most frequent training answer of each question, no model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import scenes
+
+
+@torch.inference_mode()
+def answers(model, processor, items, batch: int = 16) -> list[str]:
+    out = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        inputs = processor(images=[it["image"] for it in chunk], text=[scenes.prompt(it["question"]) for it in chunk],
+                           return_tensors="pt", padding=True)
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        out += [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def score(items, preds) -> dict:
+    acc = {}
+    for qt in scenes.QTYPES:
+        sel = [p == it["answer"] for it, p in zip(items, preds) if it["qtype"] == qt]
+        if sel:
+            acc[qt] = sum(sel) / len(sel)
+    acc["all"] = sum(p == it["answer"] for it, p in zip(items, preds)) / len(items)
+    return acc
+
+
+def prior_answers(items, n_train: int = 5000) -> list[str]:
+    """The most frequent answer of each question text among the first training scenes (a no-image guess)."""
+    counts: dict[str, Counter] = {}
+    for i in range(n_train):
+        for qa in scenes.make_scene(scenes.SEEDS["train"], i).qas:
+            counts.setdefault(qa.question, Counter())[qa.answer] += 1
+    by_type: dict[str, Counter] = {}
+    for q, c in counts.items():
+        by_type.setdefault(q.split()[0] + q.split()[1], Counter()).update(c)
+    out = []
+    for it in items:
+        c = counts.get(it["question"]) or by_type[it["question"].split()[0] + it["question"].split()[1]]
+        out.append(c.most_common(1)[0][0])
+    return out
+
+
+def run(model, processor, items, methods, ratios, positions="contiguous", log=print):
+    import vlprune
+
+    rows = []
+
+    def add(name, ratio, preds, seconds, **extra):
+        acc = score(items, preds)
+        rows.append({"method": name, "ratio": ratio, "accuracy": acc, "seconds": round(seconds, 1), **extra})
+        log(f"{name:<12} {str(ratio):<6} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f"  ({seconds:.0f} s)")
+
+    t = time.time()
+    add("unpruned", 0.0, answers(model, processor, items), time.time() - t)
+    for method in methods:
+        for ratio in ratios:
+            t = time.time()
+            handle = vlprune.patch(model, method, ratio=ratio, positions=positions)
+            try:
+                preds = answers(model, processor, items)
+            finally:
+                handle.remove()
+            add(method, ratio, preds, time.time() - t, positions=positions)
+    t = time.time()
+    handle = vlprune.patch(model, "uniform", keep=1)
+    try:
+        preds = answers(model, processor, items)
+    finally:
+        handle.remove()
+    add("keep=1", None, preds, time.time() - t)
+    add("prior", None, prior_answers(items), 0.0)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint dir (default: the embedded model)")
+    ap.add_argument("--n", type=int, default=500, help="held-out items (the first n of the test split)")
+    ap.add_argument("--methods", default="fastervlm,random,uniform,pool")
+    ap.add_argument("--ratios", default="0.75,0.889")
+    ap.add_argument("--positions", default="contiguous", choices=["contiguous", "original"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from . import load_embedded
+
+    model, processor = load_embedded(args.model)
+    items = scenes.test_items(args.n)
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    rows = run(model, processor, items, methods, ratios, args.positions, log=lambda m: print(m, flush=True))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "items": args.n, "split": "test", "seed": scenes.SEEDS["test"], "positions": args.positions,
+            "command": "python -m vlprune.embedded.evaluate " + " ".join(argv or __import__("sys").argv[1:]),
+            "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
