@@ -25,13 +25,41 @@ def _doc_line(obj) -> str:
     return doc.splitlines()[0].strip() if doc else ""
 
 
+#: What each paper reports for LLaVA-1.5-7B (average % of the unpruned model's scores), with the
+#: source, as collected in the project's reference notes. Benchmark sets differ between papers, so
+#: compare across rows with care. [3rd] = a number published by another paper than the method's own.
+REPORTED = {
+    "fastervlm": "144: 98.75 %, 58: 94.24 %, 29: 89.41 % (10 benchmarks; FasterVLM project page)",
+    "vtc_cls": "256: 100.1 %, 128: 98.0 %, 64: 94.6 % (8 benchmarks; computed from the VTC-CLS README figure)",
+    "holov": "192: 99.2 %, 128: 98.0 %, 64: 95.8 % (9 benchmarks; HoloV paper, Table 1)",
+    "hiprune": "192: 99.3 %, 128: 97.5 %, 64: 92.7 % (9 benchmarks; HiPrune arXiv v2+, Table 2)",
+    "flowcut": "192: 100.2 %, 128: 98.5 %, 64: 96.0 % (12 benchmarks; FlowCut paper, Table 1)",
+    "visionzip": "192: 98.5 %, 128: 97.2 %, 64: 94.4 % (12 benchmarks; [3rd] FlowCut paper, Table 1)",
+    "fastv": "192: 89.4 %, 128: 85.9 %, 64: 77.5 % (12 benchmarks; [3rd] FlowCut paper, Table 1)",
+    "prumerge_plus": "256: 97.6 %, 128: 94.4 %, 64: 90.7 % (8 benchmarks; [3rd] computed from the VTC-CLS README figure)",
+    "divprune": "LLaVA-NeXT-7B 640: 97.4 %, 320: 95.6 %, 160: 93.4 % (5 benchmarks; [3rd] HiPrune paper)",
+    "visual_exit": "learned exit (DyVTE): up to 45.7 % less computation on LLaVA-1.5 without accuracy loss (arXiv 2411.19628); training-free form: not reported",
+}
+
+
+def signals_of(cls) -> str:
+    """The signals a default instance reads, as ``kind@layer``."""
+    method = cls.create()
+    if cls.stage == "in_encoder":
+        kinds = ", ".join(dict.fromkeys(s.kind for s in method.encoder_signals(0)))
+        return f"{kinds} at every pruning layer"
+    return ", ".join(f"{s.kind}@{s.layer}" for s in method.signals()) or "-"
+
+
 def methods_table() -> str:
-    lines = ["| method | source | how it chooses | stage | options (default) |", "|---|---|---|---|---|"]
+    lines = ["| method | source | how it chooses | stage | signals | options (default) | reported, LLaVA-1.5-7B |",
+             "|---|---|---|---|---|---|---|"]
     for name, summary in vlprune.methods().items():
         cls = registry.get_method(name)
         source = _doc_line(sys.modules[cls.__module__]).split(": ", 1)[0]  # "FasterVLM (arXiv ...)"
         opts = ", ".join(f"`{f.name}={f.default!r}`" for f in dataclasses.fields(cls)) or "-"
-        lines.append(f"| `{name}` | {source} | {summary} | {cls.stage} | {opts} |")
+        lines.append(f"| `{name}` | {source} | {summary} | {cls.stage} | {signals_of(cls)} | {opts} | "
+                     f"{REPORTED.get(name, '-')} |")
     return "\n".join(lines)
 
 

@@ -99,6 +99,8 @@ def test_config_round_trips_json(llava):
         data = json.loads(h.config.to_json())
         assert data == {"method": "random", "ratio": None, "keep": 5, "positions": "original", "options": {"seed": 3}}
         assert vlprune.PatchConfig.from_dict(data) == h.config
+    with vlprune.pruned(llava, "fastervlm", ratio=0.5) as h:  # defaults in effect are recorded too
+        assert h.config.options == {"layer": -2}
 
 
 def test_text_only_calls_pass_through(llava):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +49,8 @@ class Handle:
         else:
             self.budget = None
         self.method = cls.create(**config.options)
+        # record every option in effect, defaults included, so a saved config says what really ran
+        self.config = config = dataclasses.replace(config, options=self.method.options())
         self.last: list = []  # ImageRecord per image of the most recent call
         self.active = False
         self._disabled = False
