@@ -8,6 +8,10 @@ layer shorten what the model's loop hands each layer (rotary tables, position id
 the same way. Survivors keep their original positions. Later layers fill their KV cache with the
 short sequence; during decoding the same hooks cut the mask's columns to match, keyed by the cache
 object, so ``generate`` with a cache, batches with left padding and uncached generation agree.
+
+Rows of a batch must keep equally many positions. A subclass with ``ragged = True`` lets them differ:
+a shorter row also keeps some of its dropped positions as fillers that no other position may attend
+to (their key columns are masked at every later layer and decode step), so rows share one length.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import sys
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
 from vlprune.methods.base import Context, Selection, Signal
@@ -37,6 +42,21 @@ def _bool_or_additive(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return logits + mask.float()
 
 
+def _hide(mask, filler, q_len: int, kv: int):
+    """``mask`` (B or 1, 1, q_len, kv; None: plain causal) with the filler key columns (``filler`` (B, <= kv),
+    True = filler) hidden from every query but the filler itself."""
+    dev = filler.device
+    own_col = (torch.arange(q_len, device=dev) + kv - q_len).unsqueeze(1)  # each query's own key column
+    cols = torch.arange(kv, device=dev)
+    hide = F.pad(filler, (0, kv - filler.shape[1]))[:, None, None, :] & (cols != own_col)
+    if mask is None:
+        return (cols <= own_col) & ~hide
+    mask = mask.expand(filler.shape[0], *mask.shape[1:])
+    if mask.dtype == torch.bool:
+        return mask & ~hide
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
 class LLMPruning:
     """Drop image tokens at decoder layer K = ``method.layer`` (None: the middle layer).
 
@@ -44,6 +64,8 @@ class LLMPruning:
     first layer >= K where the anchor token's attention mass on the image tokens at the previous layer
     is below the threshold in every row of the batch.
     """
+
+    ragged = False  # True: rows may keep different counts (masked fillers even them out)
 
     def __init__(self, patcher, layers, method):
         n = len(layers)
@@ -112,7 +134,28 @@ class LLMPruning:
         p = self.pending
         if "attention" not in p:
             raise RuntimeError("the attention row of the anchor token was not captured at layer K-1")
-        attention = p.pop("attention")
+        keep, records = self._choose(hidden, p.pop("attention"))
+        counts = keep.sum(1)
+        width = int(counts.max())
+        filler = None
+        if bool((counts != width).any()):
+            if not self.ragged:
+                raise VlpruneError(
+                    f"method={self.method.name!r} prunes inside the LM and needs the same number of images in "
+                    "every prompt of a batch (rows would otherwise need different lengths mid-network); "
+                    "batch prompts by image count"
+                )
+            dropped = ~keep  # a shorter row keeps its first dropped positions, masked, as fillers
+            filler = dropped & (dropped.long().cumsum(1) <= (width - counts).unsqueeze(1))
+            keep = keep | filler
+        p["cols"] = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+        p["filler"] = None if filler is None else filler.gather(1, p["cols"])
+        self.patcher.handle.last = records
+        return p["cols"]
+
+    def _choose(self, hidden, attention):
+        """The method's choice: (keep mask (B, L) of text and surviving image positions, image records)."""
+        p = self.pending
         blocks = p["blocks"]
         pos = torch.stack(blocks)  # (I, N, 2): (row, column) of each image's placeholders
         scores = attention[pos[..., 0], :, pos[..., 1]].transpose(1, 2)  # (I, H, N)
@@ -126,16 +169,7 @@ class LLMPruning:
             sel = method.select(tokens, k, Context(grid=self.patcher.grid, signals={sig: scores}))
             sel.indices = sel.indices.sort(dim=1).values
         keep = keep_mask(p["image_mask"], blocks, list(sel.indices))
-        counts = keep.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise VlpruneError(
-                f"method={method.name!r} prunes inside the LM and needs the same number of images in every "
-                "prompt of a batch (rows would otherwise need different lengths mid-network); "
-                "batch prompts by image count"
-            )
-        p["cols"] = keep.nonzero()[:, 1].view(keep.shape[0], -1)
-        self.patcher.handle.last = self.patcher.records(p["rows"], p["n"], k, sel)
-        return p["cols"]
+        return keep, self.patcher.records(p["rows"], p["n"], k, sel)
 
     def _exit_now(self) -> bool:
         """Fixed layer: always. Threshold: the image's share of the anchor's attention fell below it."""
@@ -161,16 +195,19 @@ class LLMPruning:
                 p["exit"] = idx
                 # keys cached before this call (a continued conversation) stay; layer 0 already holds ours
                 p["past"] = cache.get_seq_length() - length if cache is not None else 0
+                p["filler_kv"] = None if p["filler"] is None else F.pad(p["filler"], (p["past"], 0))
                 if cache is not None:
                     past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
-                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length, idx)
+                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length, idx,
+                                            p["filler_kv"])
             cols = p["cols"]
             q_cols = cols
+            filler = p["filler_kv"]
         else:
             session = self.sessions.get(cache) if cache is not None else None
             if session is None or idx < session[2]:  # layers before the exit kept every token
                 return None
-            cols, length, _ = session
+            cols, length, _, filler = session
             q_cols = None
         new = dict(kwargs)
         if q_cols is not None:
@@ -188,6 +225,16 @@ class LLMPruning:
             else:  # decoding: the kept prompt columns, then everything after the prompt
                 kv_cols = torch.cat([cols, torch.arange(length, kv, device=cols.device).expand(cols.shape[0], -1)], 1)
             new["attention_mask"] = gather_seq(mask, kv_cols, dim=3)
+        mask = new.get("attention_mask")
+        if filler is not None and (mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            q_len = hidden.shape[1]
+            if mask is not None:
+                kv = mask.shape[-1]
+            elif p is not None:  # prefill: earlier calls' keys, then this call's kept positions
+                kv = filler.shape[1]
+            else:  # decoding: what this layer has cached, then this step
+                kv = cache.get_seq_length(idx) + q_len
+            new["attention_mask"] = _hide(mask, filler, q_len, kv)
         if args:
             return (hidden, *args[1:]), new
         new["hidden_states"] = hidden
