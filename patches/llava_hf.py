@@ -25,7 +25,7 @@ from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
 
-from ._clip import ClipTaps
+from ._clip import ClipTaps, encoder_layers
 from ._llm import LLMPruning
 from ._wrap import wrap_method
 
@@ -35,17 +35,13 @@ SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
     stages = ("encoder", "projector", "in_encoder", "llm")
+    llm_pruning = LLMPruning  # the stage-"llm" helper (a subclass may lay image tokens out differently)
 
     def install(self):
         model = self.model
         self.inner = model.model
         tower = self.inner.vision_tower
-        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
-            raise VlpruneError(
-                f"LlavaForConditionalGeneration with a {type(tower).__name__} vision tower is not supported; "
-                "supported: CLIP-style towers (CLIPVisionModel / SiglipVisionModel layout)"
-            )
-        self.layers = tower.encoder.layers
+        self.layers = encoder_layers(tower)  # CLIP/SigLIP encoder.layers, DINOv2 encoder.layer
         vcfg = tower.config
         self.patches_per_image = (vcfg.image_size // vcfg.patch_size) ** 2
         self._busy = False
@@ -55,7 +51,7 @@ class LlavaHF(Patcher):
         self.grid = grid_shape(self.patches_per_image)
         self._prompt_len = None
         if method.stage == "llm":  # the vision side runs unchanged; see patches/_llm.py
-            self.llm = LLMPruning(self, self.inner.language_model.layers, method)
+            self.llm = self.llm_pruning(self, self.inner.language_model.layers, method)
             wrap_method(self, model, "forward", self._forward)
             wrap_method(self, model, "generate", self._generate)
             return
@@ -63,12 +59,15 @@ class LlavaHF(Patcher):
             self._install_in_encoder(method)
         else:
             self.taps = ClipTaps(self.layers, method.signals(), self.ledger, lambda: self._busy)
+        self._install_selection(method, projector)
+        wrap_method(self, model, "forward", self._forward)
+        wrap_method(self, model, "generate", self._generate)
+
+    def _install_selection(self, method, projector):
         if method.stage == "projector":  # select among the projected features
             self.ledger.hook(projector.register_forward_hook(self._after_projector))
         else:  # select before the projector: it runs on k tokens only
             self.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
-        wrap_method(self, model, "forward", self._forward)
-        wrap_method(self, model, "generate", self._generate)
 
     def _install_in_encoder(self, method):
         """Prune between encoder layers: a pre-hook on layer l+1 applies the decision made after layer l."""
@@ -94,14 +93,17 @@ class LlavaHF(Patcher):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         state = self._enc
-        keep, state["score"] = self.handle.method.encoder_step(
-            layer, self.plan[-1] - layer, self.taps.take(), state["score"], state["target"])
+        keep, state["score"] = self._encoder_step(layer, self.taps.take(), state)
         state["orig"] = state["orig"].gather(1, keep)
         patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         hidden = torch.cat([hidden[:, :1], patches], dim=1)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+    def _encoder_step(self, layer, signals, state):
+        """The method's prune after ``layer``: (indices of the current patch tokens to keep, new score)."""
+        return self.handle.method.encoder_step(layer, self.plan[-1] - layer, signals, state["score"], state["target"])
 
     def _select(self, feats):
         if self.handle.method.stage == "in_encoder":  # already pruned inside the encoder
@@ -127,12 +129,9 @@ class LlavaHF(Patcher):
         ref = self.inner.get_input_embeddings()(torch.tensor(token, device=embeds.device))
         return (embeds == ref).all(-1)
 
-    def _prepare(self, kw: dict, generating: bool):
-        """Turn a call with ``pixel_values`` into one on the shortened sequence. Returns (kwargs, dropped)."""
+    def _feature_args(self, kw: dict):
+        """The call's (vision_feature_layer, vision_feature_select_strategy); only "default" can be pruned."""
         cfg = self.model.config
-        pixel_values = kw["pixel_values"]
-        if kw.get("image_sizes") is not None:
-            raise VlpruneError("image_sizes is not used by LLaVA-1.5 models and is not supported by the llava_hf patcher")
         layer = kw.get("vision_feature_layer")
         layer = cfg.vision_feature_layer if layer is None else layer
         strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
@@ -141,6 +140,14 @@ class LlavaHF(Patcher):
                 f"vision_feature_select_strategy={strategy!r} is not supported for pruning (supported: 'default', "
                 "which feeds the patch tokens without [CLS])"
             )
+        return layer, strategy
+
+    def _prepare(self, kw: dict, generating: bool):
+        """Turn a call with ``pixel_values`` into one on the shortened sequence. Returns (kwargs, dropped)."""
+        pixel_values = kw["pixel_values"]
+        if kw.get("image_sizes") is not None:
+            raise VlpruneError("image_sizes is not used by LLaVA-1.5 models and is not supported by the llava_hf patcher")
+        layer, strategy = self._feature_args(kw)
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if ids is None and embeds is None:
             raise VlpruneError("pass input_ids or inputs_embeds together with pixel_values")
@@ -160,8 +167,13 @@ class LlavaHF(Patcher):
             return kw, 0
 
         feats, sel = self._encode(pixel_values, layer, strategy, n, k)
+        self.handle.last = self.records(rows, n, k, sel)
+        return self._shorten(kw, keep_mask(image_mask, blocks, list(sel.indices)), feats, generating)
 
-        keep = keep_mask(image_mask, blocks, list(sel.indices))
+    def _shorten(self, kw: dict, keep, feats, generating: bool):
+        """The call on the positions ``keep`` (B, L) marks, with ``feats`` as the encoded images: every
+        per-position tensor shortened alike, position ids per ``positions``. Returns (kwargs, dropped)."""
+        cfg = self.model.config
         kw = dict(kw)
         kw.pop("pixel_values")
         kw["mm_encoder_outputs"] = {"image": feats}
@@ -188,8 +200,6 @@ class LlavaHF(Patcher):
             if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
                 tensors[name] = (value, 0)
         kw.update(compact(keep, tensors, is_right_padded(mask)))
-
-        self.handle.last = self.records(rows, n, k, sel)
         new_len = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         return kw, length - new_len
 
@@ -247,10 +257,15 @@ class LlavaHF(Patcher):
                 f"placeholders for {len(blocks)} images of {n} tokens each in the prompt")
         rows = [int(r) for r in torch.stack([b[0, 0] for b in blocks]).tolist()] if blocks else []
         k = self.keep_count(n)
+        full = torch.arange(n, device=image_mask.device)
+        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop
         if k >= n:
-            full = torch.arange(n, device=image_mask.device)
-            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]
             return original(**kw)
+        return self._run_llm(original, kw, image_mask, blocks, rows, n, k)
+
+    def _run_llm(self, original, kw, image_mask, blocks, rows, n, k):
+        """The LM call with the drop at layer K armed; ``n``/``k`` are handed to ``self.llm`` as they are."""
+        mask = kw.get("attention_mask")
         # the query row is the prompt's last token; inside generate() without a cache the sequence
         # grows, but the prompt (and so the choice) stays the same
         length = image_mask.shape[1] if self._prompt_len is None else self._prompt_len
@@ -259,16 +274,16 @@ class LlavaHF(Patcher):
         else:
             anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
         labels = kw.pop("labels", None)
-        full = torch.arange(n, device=image_mask.device)
-        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop
         self.llm.begin(image_mask, blocks, rows, anchor, n, k)
         try:
             out = original(**kw)
-            cols = self.llm.pending["cols"]
+            cols, filler = self.llm.pending["cols"], self.llm.pending.get("filler")
         finally:
             self.llm.end()
-        if labels is not None:  # the loss over the positions that reached the head
-            out.loss = self.model.loss_function(logits=out.logits, labels=labels if cols is None else labels.gather(1, cols),
+        if labels is not None:  # the loss over the positions that reached the head (fillers count for none)
+            if cols is not None:
+                labels = labels.gather(1, cols) if filler is None else labels.gather(1, cols).masked_fill(filler, -100)
+            out.loss = self.model.loss_function(logits=out.logits, labels=labels,
                                                 vocab_size=self.model.config.text_config.vocab_size)
         return out
 
