@@ -62,9 +62,12 @@ class Patcher:
         """Tokens an image of n keeps; 0 for methods that drop every image token (not budgeted)."""
         return 0 if self.handle.budget is None else self.handle.budget.tokens_for(n)
 
-    def prune(self, tokens: torch.Tensor, grid: tuple[int, int], signals: dict) -> tuple[torch.Tensor, Selection]:
-        """Run the method on (B, N, D) tokens; return the (B, k, D) survivors and the sorted selection."""
-        k = self.keep_count(tokens.shape[1])
+    def prune(self, tokens: torch.Tensor, grid: tuple[int, int], signals: dict,
+              k: int | None = None) -> tuple[torch.Tensor, Selection]:
+        """Run the method on (B, N, D) tokens; return the (B, k, D) survivors and the sorted selection.
+        ``k`` defaults to the budget's count for N tokens (a patcher that splits an image's budget over
+        several views passes each view's share)."""
+        k = self.keep_count(tokens.shape[1]) if k is None else k
         sel = self.handle.method.select(tokens, k, Context(grid=grid, signals=signals))
         if sel.indices.shape != (tokens.shape[0], k):
             raise RuntimeError(
