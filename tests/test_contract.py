@@ -66,15 +66,16 @@ def lm_entry(handle):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_image_positions_reaching_lm_are_k_per_image(llava, method):
+@pytest.mark.parametrize("given,k", [({"ratio": 0.75}, 4), ({"keep": 8}, 8)])
+def test_image_positions_reaching_lm_are_k_per_image(llava, method, given, k):
     ids, mask = batch([prompt(n_images=2)])
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
+    with vlprune.pruned(llava, method, **budget(method, **given)) as h:
         rec = LMInputs(llava, lm_entry(h))  # registered after the patch's own hooks: sees their result
         try:
             run(llava, ids, mask, pixels(2))
         finally:
             rec.close()
-        k = expected_keep(method, 4)
+        k = expected_keep(method, k)
         assert [(r.before, r.after, r.row) for r in h.last] == [(N, k, 0), (N, k, 0)]
     assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - k)
 
