@@ -168,6 +168,14 @@ def test_load_embedded_answers_and_patches(tmp_path):
     emb.save(emb.build_model(tok, vision=False), tok, tmp_path / "ckpt")
     assert not any("vision_tower" in k for k in _keys(tmp_path / "ckpt"))  # never ships the tower
     model, processor = vlprune.load_embedded(tmp_path / "ckpt")
+    reference = emb._quiet_from_pretrained(tmp_path / "ckpt", "sdpa")[0]  # the plain loader, tower left random
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if ".vision_tower." not in k)
+    tower = model.model.vision_tower.state_dict()
+    from vlprune.embedded import dinov2
+
+    assert all(torch.equal(tower[k], v) for k, v in dinov2.cached_state_dict().items())
     item = scenes.test_items(1)[0]
     inputs = processor(images=item["image"], text=scenes.prompt(item["question"]), return_tensors="pt")
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 256

