@@ -1,0 +1,360 @@
+"""HF ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT AnyRes: base view + crops, unpadded, newline per row).
+
+The unpruned model feeds each image as: the base view's s x s patch tokens (raster order), then the
+crops stitched into one high-res grid, its padding rows or columns removed ("unpadded", H x W left),
+each of its H rows followed by an ``image_newline`` token. Everything else works as on LLaVA-1.5
+(patches/llava_hf.py, which this subclasses): q/k/v taps for the signals, the sequence rebuilt with one
+keep mask, ``generate`` returning the caller's prompt ids + new ids.
+
+Budget, per image. ``ratio``/``keep`` count the image's visual tokens as the unpruned model feeds them,
+newlines excluded: N = s*s + H*W. The image's k is split over its views (the base view and every crop)
+in proportion to the tokens each contributes after unpadding (largest remainder, ties to the earlier
+view). Where nothing is unpadded every view holds s*s tokens, and this is the references' equal quota per
+crop (FasterVLM, HiPrune); a crop that lost rows to unpadding gives up budget in proportion, so exactly k
+tokens arrive. Each view is pruned by the method on its own 2-D grid (a crop: the rectangle unpadding
+leaves of it) with that view's own signals (its own [CLS]), so grid-aware methods see real geometry. Not
+one global pass (HoloV's reference): [CLS] attention is normalised per view, so scores of different
+views are not on one scale, and the views do not form one grid.
+
+Newlines. A newline closes every high-res row that keeps at least one token; a row left empty vanishes
+with its newline. The LM thus gets the layout it was trained on (base tokens, then high-res rows each
+ended by a newline), only sparser; the references drop every newline instead. They are not counted in
+the budget: ``handle.last[i].newlines`` says how many reached the LM.
+
+``handle.last`` holds one :class:`NextImageRecord` per image: ``before``/``after`` count visual tokens;
+``kept`` indexes them (i < s*s: the base view's raster; i >= s*s: raster index i - s*s of the unpadded
+high-res grid, (row, col) = divmod(i - s*s, W)), ascending, which is the order the LM receives them in;
+``scores`` (N,) where the method has them (NaN for a view that got no budget); merge ``sources`` (k, N).
+
+Stage "llm" (FastV, visual_exit): the full NeXT sequence enters the LM; at decoder layer K the method
+picks k of the image's N visual tokens in one pass (the LM's attention row is one softmax over the whole
+sequence, so views compare), the same newline rule applies, and batch rows that keep different counts
+are evened out with masked fillers (patches/_llm.py).
+
+Method support (``SUPPORT``; the README's model x method table is built from it):
+
+| method | on LLaVA-NeXT |
+|---|---|
+| divprune, holov (stage projector) | yes: per view, on the projected tokens |
+| fastervlm, hiprune, pool, prumerge_plus, random, tcc, uniform, visionzip, vtc_cls (stage encoder) | yes: per view |
+| flowcut (stage in_encoder) | yes: per view, one tower run each; its first prune picks among the unpadded tokens only |
+| fastv, visual_exit (stage llm) | yes: one pass over the image's visual tokens at layer K |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from vlprune.errors import VlpruneError
+from vlprune.methods.base import Context, Signal
+from vlprune.patcher import ImageRecord
+from vlprune.registry import register_patcher
+from vlprune.sequence import placeholder_positions
+
+from ._llm import LLMPruning
+from .llava_hf import LlavaHF
+
+SUPPORT = {
+    "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
+    "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
+    "visual_exit": "yes", "vtc_cls": "yes",
+}
+
+TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
+
+
+@dataclass
+class NextImageRecord(ImageRecord):
+    """An :class:`ImageRecord` of one AnyRes image (see the module docstring for the index space)."""
+
+    grids: tuple = ()  # ((s, s) base view, (H, W) unpadded high-res grid)
+    newlines: int = 0  # newline tokens that reached the LM with this image
+
+    @property
+    def kept_base(self) -> torch.Tensor:
+        """Kept raster indices of the base view's grid."""
+        return self.kept[self.kept < self.grids[0][0] * self.grids[0][1]]
+
+    @property
+    def kept_high(self) -> torch.Tensor:
+        """Kept raster indices of the unpadded high-res grid."""
+        base = self.grids[0][0] * self.grids[0][1]
+        return self.kept[self.kept >= base] - base
+
+
+@dataclass(frozen=True)
+class View:
+    index: int  # 0: base view, c + 1: crop c (row-major over the crop grid), as in pixel_values
+    local: torch.Tensor  # the view's patch tokens that reach the LM (raster indices of its s x s grid)
+    visual: torch.Tensor  # the same tokens' indices in the image's visual index space
+    grid: tuple[int, int]  # the rectangle they form
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one image's visual tokens and newlines sit in its block of placeholders."""
+
+    side: int  # s: a view is s x s patches
+    high: tuple[int, int]  # (H, W) of the unpadded high-res grid
+    views: tuple[View, ...]  # views that keep at least one token after unpadding
+    n_views: int  # views in pixel_values (base + every crop, fully padded ones included)
+
+    @property
+    def base(self) -> int:
+        return self.side * self.side
+
+    @property
+    def visual(self) -> int:  # N: the budget's count
+        return self.base + self.high[0] * self.high[1]
+
+    @property
+    def placeholders(self) -> int:
+        return self.visual + self.high[0]
+
+    def offsets(self, visual: torch.Tensor) -> torch.Tensor:
+        """Offsets in the placeholder block of visual indices (the high-res rows are W + 1 long)."""
+        high, width = (visual - self.base).clamp_min(0), max(self.high[1], 1)  # width 0: no high-res token
+        return torch.where(visual < self.base, visual, self.base + high // width * (width + 1) + high % width)
+
+    def kept_offsets(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets of the kept visual tokens, offsets of the newlines that survive with them)."""
+        rows = ((kept[kept >= self.base] - self.base) // max(self.high[1], 1)).unique()
+        return self.offsets(kept), self.base + rows * (self.high[1] + 1) + self.high[1]
+
+    def record(self, row, kept, scores=None, sources=None) -> NextImageRecord:
+        return NextImageRecord(row=row, before=self.visual, after=len(kept), kept=kept, scores=scores,
+                               sources=sources, grids=((self.side, self.side), self.high),
+                               newlines=len(self.kept_offsets(kept)[1]))
+
+
+@lru_cache(maxsize=256)
+def anyres_layout(size: tuple[int, int], pinpoints: tuple, image_px: int, side: int) -> Layout:
+    """The layout of an image of ``size`` (height, width), computed with the model's own functions."""
+    rows, cols = get_anyres_image_grid_shape(list(size), [list(p) for p in pinpoints], image_px)
+    padded = torch.arange(rows * side * cols * side).view(1, rows * side, cols * side)
+    grid = unpad_image(padded, list(size))[0]  # (H, W): indices into the padded high-res raster
+    r, c = grid.flatten() // (cols * side), grid.flatten() % (cols * side)
+    crop, local = r // side * cols + c // side, r % side * side + c % side
+    base = side * side
+    views = [View(0, torch.arange(base), torch.arange(base), (side, side))]
+    for i in range(rows * cols):
+        at = (crop == i).nonzero().flatten()  # row-major in the unpadded grid = raster order inside the crop
+        if len(at):
+            view_rows = (local[at] // side).unique().numel()
+            views.append(View(i + 1, local[at], base + at, (view_rows, len(at) // view_rows)))
+    return Layout(side, tuple(grid.shape), tuple(views), 1 + rows * cols)
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """k split over views of ``sizes`` tokens in proportion to size: largest remainder, ties to the earlier."""
+    total = sum(sizes)
+    quotas = [k * n // total for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda v: (-(k * sizes[v] % total), v))
+    for v in order[: k - sum(quotas)]:
+        quotas[v] += 1
+    return quotas
+
+
+def view_signals(signals: dict, row: int, local: torch.Tensor) -> dict:
+    """One tower row's signals, restricted to the patch tokens ``local``."""
+    return {s: (v[row : row + 1, :, local] if s.kind in TOKEN_KINDS else v[row : row + 1]) for s, v in signals.items()}
+
+
+class NextLLMPruning(LLMPruning):
+    """Stage "llm" on NeXT blocks: ``pending["n"]`` holds each image's :class:`Layout`, ``["k"]`` its k. The
+    method sees the image's N visual tokens as one (1, N) grid (newlines excluded), one image at a time."""
+
+    ragged = True
+
+    def _choose(self, hidden, attention):
+        p = self.pending
+        sig = Signal("last_attention", self.k_layer - 1)
+        keep = ~p["image_mask"]
+        records = []
+        for block, layout, k, row in zip(p["blocks"], p["n"], p["k"], p["rows"]):
+            pos = block[layout.offsets(torch.arange(layout.visual, device=block.device))]
+            kept, scores = pos.new_zeros(0), None
+            if k:
+                tokens = hidden[pos[:, 0], pos[:, 1]].unsqueeze(0)
+                row_scores = attention[pos[:, 0], :, pos[:, 1]].T.unsqueeze(0)  # (1, heads, N)
+                sel = self.method.select(tokens, k, Context(grid=(1, layout.visual), signals={sig: row_scores}))
+                kept, scores = sel.indices[0].sort().values, None if sel.scores is None else sel.scores[0]
+            chosen = block[torch.cat(layout.kept_offsets(kept))]
+            keep[chosen[:, 0], chosen[:, 1]] = True
+            records.append(layout.record(row, kept, scores))
+        return keep, records
+
+
+@register_patcher("LlavaNextForConditionalGeneration")
+class LlavaNextHF(LlavaHF):
+    llm_pruning = NextLLMPruning
+
+    def install(self):
+        cfg = self.model.config
+        vcfg = cfg.vision_config
+        self.side = vcfg.image_size // vcfg.patch_size
+        self.pinpoints = tuple(tuple(int(x) for x in p) for p in cfg.image_grid_pinpoints)
+        self._image_sizes = None
+        super().install()
+
+    def _install_selection(self, method, projector):
+        """Nothing to hook: ``_encode`` runs the tower and the projector itself, per image and view."""
+
+    def layout(self, size) -> Layout:
+        return anyres_layout(tuple(int(x) for x in size), self.pinpoints, self.model.config.vision_config.image_size,
+                             self.side)
+
+    # -- the pruned call --------------------------------------------------------------------------
+    def _images(self, kw):
+        """(image mask, layouts, placeholder blocks, batch rows) of a call, checked against each other."""
+        sizes = kw.get("image_sizes")
+        sizes = self._image_sizes if sizes is None else sizes
+        if sizes is None:
+            raise VlpruneError("LLaVA-NeXT calls need image_sizes next to pixel_values (the processor returns them)")
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if ids is None and embeds is None:
+            raise VlpruneError("pass input_ids or inputs_embeds together with pixel_values")
+        pixel_values = kw.get("pixel_values")
+        if pixel_values is not None and pixel_values.dim() == 5 and pixel_values.shape[0] != len(sizes):
+            raise VlpruneError(f"image features and placeholders do not match: {pixel_values.shape[0]} images in "
+                               f"pixel_values, {len(sizes)} in image_sizes")
+        image_mask = self._image_mask(ids, embeds)
+        layouts = [self.layout(size) for size in sizes]
+        blocks = placeholder_positions(image_mask, [layout.placeholders for layout in layouts])
+        rows = [int(b[0, 0]) for b in blocks]
+        return image_mask, layouts, blocks, rows
+
+    def _prepare(self, kw: dict, generating: bool):
+        layer, _ = self._feature_args(kw)
+        image_mask, layouts, blocks, rows = self._images(kw)
+        ks = [self.keep_count(layout.visual) for layout in layouts]
+        if all(k >= layout.visual for k, layout in zip(ks, layouts)):  # the identity: run the model unchanged
+            self.handle.last = [layout.record(r, torch.arange(layout.visual)) for r, layout in zip(rows, layouts)]
+            return kw, 0
+        pixel_values = kw["pixel_values"]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[: layout.n_views] for pv, layout in zip(pixel_values, layouts)])
+        if pixel_values.shape[0] != sum(layout.n_views for layout in layouts):
+            raise VlpruneError(f"pixel_values hold {pixel_values.shape[0]} views; image_sizes call for "
+                               f"{sum(layout.n_views for layout in layouts)}")
+        feats, records = self._encode(pixel_values, layer, layouts, ks, rows)
+        keep = ~image_mask
+        for block, layout, rec in zip(blocks, layouts, records):
+            chosen = block[torch.cat(layout.kept_offsets(rec.kept.to(block.device)))]
+            keep[chosen[:, 0], chosen[:, 1]] = True
+        self.handle.last = records
+        kw = dict(kw)
+        kw.pop("image_sizes", None)
+        return self._shorten(kw, keep, BaseModelOutputWithPooling(pooler_output=feats), generating)
+
+    def _encode(self, pixel_values, layer, layouts, ks, rows):
+        """Per image: each view's share of k chosen by the method, projected, packed with the newlines of
+        the rows that keep a token. Returns (packed features per image, records)."""
+        stage = self.handle.method.stage
+        projector = self.inner.multi_modal_projector
+        if stage != "in_encoder":
+            feats, signals = self._tower(pixel_values, layer)
+        feats_out, records, first = [], [], 0
+        for layout, k, row in zip(layouts, ks, rows):
+            quotas = split_budget(k, [len(v.local) for v in layout.views])
+            if stage == "projector":
+                source = projector(feats[first : first + layout.n_views])
+            parts = []  # (view, kept visual indices, tokens, scores, sources) per view with a quota
+            for view, q in zip(layout.views, quotas):
+                if q == 0:
+                    continue
+                if stage == "in_encoder":
+                    parts.append(self._encode_in_encoder(pixel_values[first + view.index], layer, view, q))
+                    continue
+                tokens = (source if stage == "projector" else feats[first : first + layout.n_views])[view.index]
+                out, sel = self.prune(tokens[view.local].unsqueeze(0), view.grid,
+                                      view_signals(signals, first + view.index, view.local), k=q)
+                parts.append((view, view.visual.to(out.device)[sel.indices[0]], out[0],
+                              None if sel.scores is None else sel.scores[0],
+                              None if sel.sources is None else sel.sources[0]))
+            first += layout.n_views
+            kept, order = torch.cat([p[1] for p in parts]).sort()
+            tokens = torch.cat([p[2] for p in parts])[order]
+            if stage != "projector":
+                tokens = projector(tokens.unsqueeze(0))[0]
+            feats_out.append(self._pack(layout, kept, tokens))
+            records.append(layout.record(row, kept, *self._over_image(layout, parts, order)))
+        return feats_out, records
+
+    def _tower(self, pixel_values, layer):
+        """The vision tower once over every view, capturing the signals: (feature-layer patch tokens, signals)."""
+        self._busy = True
+        try:
+            hidden = self.inner.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True).hidden_states
+            signals = self.taps.take()
+        finally:
+            self._busy = False
+            self.taps.take()
+        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+        return feats[:, 1:], signals
+
+    def _encode_in_encoder(self, pixels, layer, view, q):
+        """One view through the tower with in-encoder pruning to q tokens; its first prune picks among
+        the tokens unpadding leaves."""
+        n = self.side * self.side
+        self._enc = {"orig": torch.arange(n, device=pixels.device).unsqueeze(0), "score": None, "target": q,
+                     "visible": None if len(view.local) == n else view.local.to(pixels.device)}
+        feats, _ = self._tower(pixels.unsqueeze(0), layer)
+        orig, self._enc = self._enc["orig"][0], None
+        if feats.shape[1] != q:
+            raise RuntimeError(f"{self.handle.method.name} left {feats.shape[1]} tokens, expected {q}")
+        to_visual = torch.full((n,), -1, dtype=torch.long, device=orig.device)
+        to_visual[view.local.to(orig.device)] = view.visual.to(orig.device)
+        return view, to_visual[orig], feats[0], None, None
+
+    def _encoder_step(self, layer, signals, state):
+        visible = state.pop("visible", None)
+        if visible is None:
+            return super()._encoder_step(layer, signals, state)
+        keep, score = super()._encoder_step(layer, view_signals(signals, 0, visible), state)
+        return visible[keep], score
+
+    def _pack(self, layout, kept, tokens):
+        """The image's features as the LM receives them: kept tokens, a newline after each non-empty row."""
+        vis, nl = layout.kept_offsets(kept)
+        newline = self.inner.image_newline.to(tokens.device, tokens.dtype)
+        order = torch.cat([vis, nl.to(vis.device)]).argsort()
+        return torch.cat([tokens, newline.expand(len(nl), -1)])[order]
+
+    @staticmethod
+    def _over_image(layout, parts, order):
+        """The views' scores (N,) and merge sources (k, N) over the image's visual tokens (None where the
+        method gives none; NaN scores for a view that got no budget)."""
+        scores = sources = None
+        dev = order.device
+        if any(p[3] is not None for p in parts):
+            scores = torch.full((layout.visual,), float("nan"), device=dev)
+            for view, _, _, view_scores, _ in parts:
+                scores[view.visual.to(dev)] = view_scores.float()
+        if any(p[4] is not None for p in parts):
+            blocks = []
+            for view, kept, _, _, view_sources in parts:
+                block = view_sources.new_zeros(len(kept), layout.visual)
+                block[:, view.visual.to(dev)] = view_sources
+                blocks.append(block)
+            sources = torch.cat(blocks)[order]
+        return scores, sources
+
+    def _forward_llm(self, original, kw):
+        image_mask, layouts, blocks, rows = self._images(kw)
+        ks = [self.keep_count(layout.visual) for layout in layouts]
+        self.handle.last = [layout.record(r, torch.arange(layout.visual)) for r, layout in zip(rows, layouts)]
+        if all(k >= layout.visual for k, layout in zip(ks, layouts)):
+            return original(**kw)
+        return self._run_llm(original, kw, image_mask, blocks, rows, layouts, ks)
+
+    def _generate(self, original, kw):
+        self._image_sizes = kw.get("image_sizes")  # generate() encodes the images and drops them before forward
+        try:
+            return super()._generate(original, kw)
+        finally:
+            self._image_sizes = None
