@@ -1,5 +1,8 @@
 """Signal taps on a CLIP-style vision encoder (HF ``CLIPEncoderLayer``: ``self_attn.{q,k,v}_proj``).
 
+Also serves towers laid out the same way under other names: ``encoder.layer[i].attention.{q,k,v}_proj``
+(HF ``Dinov2Model``, with ``num_attention_heads`` and ``scaling``); see ``encoder_layers`` and ``attention``.
+
 Shared by every family whose tower is an HF CLIP encoder (LLaVA-1.5, LLaVA-NeXT, the original LLaVA
 code). Forward hooks on the q/k/v projections see exactly the tensors the attention sees, whatever
 attention implementation runs (SDPA stays SDPA), and the requested signals are computed from them
@@ -26,10 +29,41 @@ def resolve_layer(layer: int, n_layers: int, what: str = "layer") -> int:
     return layer % n_layers
 
 
+def encoder_layers(tower):
+    """The vision encoder's list of layers: ``encoder.layers`` (CLIP, SigLIP) or ``encoder.layer`` (DINOv2)."""
+    encoder = getattr(tower, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None:
+        layers = getattr(encoder, "layer", None)
+    if layers is None or not len(layers) or attention(layers[0]) is None:
+        raise VlpruneError(
+            f"a {type(tower).__name__} vision tower is not supported; supported: CLIP-style towers whose "
+            "encoder.layers[i].self_attn (CLIPVisionModel / SiglipVisionModel) or encoder.layer[i].attention "
+            "(Dinov2Model) has q_proj/k_proj/v_proj")
+    return layers
+
+
+def attention(layer):
+    """A layer's self-attention module with ``q_proj``/``k_proj``/``v_proj``, or None."""
+    for name in ("self_attn", "attention"):
+        attn = getattr(layer, name, None)
+        if attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
+            return attn
+    return None
+
+
+def _num_heads(attn) -> int:
+    return attn.num_heads if hasattr(attn, "num_heads") else attn.num_attention_heads
+
+
+def _scale(attn) -> float:
+    return attn.scale if hasattr(attn, "scale") else attn.scaling
+
+
 def heads(x, attn):
     """(B, T, heads*head_dim) projection output -> (B, heads, T, head_dim)."""
     b, t, _ = x.shape
-    return x.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return x.view(b, t, _num_heads(attn), attn.head_dim).transpose(1, 2)
 
 
 def qk_signal(kind: str, q, k, scale: float):
@@ -57,7 +91,7 @@ class ClipTaps:
                 raise VlpruneError(f"signal kind {req.kind!r} is not available on CLIP encoders (available: {', '.join(KINDS)})")
             by_layer.setdefault(resolve_layer(req.layer, len(layers)), []).append(req)
         for idx, reqs in by_layer.items():
-            attn = layers[idx].self_attn
+            attn = attention(layers[idx])
             state = {}
             qk = [r for r in reqs if r.kind in QK_KINDS]
             vs = [r for r in reqs if r.kind in V_KINDS]
@@ -81,7 +115,7 @@ class ClipTaps:
                 return
             q, k = heads(q, attn), heads(output, attn)
             for req in reqs:
-                self.values[req] = qk_signal(req.kind, q, k, attn.scale)
+                self.values[req] = qk_signal(req.kind, q, k, _scale(attn))
 
         return hook
 
