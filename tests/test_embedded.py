@@ -209,3 +209,31 @@ def test_shipped_model_accuracy_on_200_heldout_items():
     items = scenes.test_items(200)
     acc = evaluate.score(items, evaluate.answers(model, processor, items))
     assert acc["all"] >= 0.85, acc
+
+
+# -- the LLaVA patcher on a Dinov2 tower (tiny, random, no download) ----------------------------------
+@pytest.mark.parametrize("method", ["fastervlm", "random", "pool", "flowcut", "fastv", "vtc_cls"])
+def test_llava_patcher_serves_a_dinov2_tower(method):
+    import vlprune
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = Dinov2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
+                          patch_size=14, image_size=56, use_mask_token=False)
+    text = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=5, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration._from_config(cfg).eval()
+    ids = torch.tensor([[1, 7] + [5] * 16 + [8, 9]])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pixels).logits
+        with vlprune.pruned(model, method, ratio=0) as handle:
+            assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, before)
+        with vlprune.pruned(model, method, ratio=0.75) as handle:
+            out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2, do_sample=False)
+            assert (handle.last[0].before, handle.last[0].after) == (16, 4)
+            assert handle.last[0].kept.tolist() == sorted(handle.last[0].kept.tolist())
+        assert torch.equal(out[:, :ids.shape[1]], ids)
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, before)
