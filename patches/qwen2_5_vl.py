@@ -1,0 +1,578 @@
+"""HF ``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL: windowed ViT without [CLS], 2x2 PatchMerger, M-RoPE).
+
+Where pruning happens. The vision tower runs unchanged on every image (for ``in_encoder`` methods: one image
+at a time, on fewer tokens after each prune step). Selection acts on the **merged** tokens the PatchMerger
+emits (one per 2x2 patch unit) - the "projector" point of this family - for methods of stage "encoder"
+and "projector" alike, so merging methods (``visionzip``, ``prumerge_plus``, ``pool``) average merged
+(projected) features here. Budgets, ``handle.last`` and kept indices count merged tokens; ``kept`` are
+indices into the image's merged grid (``image_grid_thw`` h/2 x w/2) in **raster order**, ascending.
+
+Order. The vision blocks run on a window-permuted sequence (the tower reorders 2x2 units so each window is
+contiguous, and un-permutes the merger's output). Every signal is reduced per unit in that order and then
+mapped back to the raster order of the merged grid with the inverse window permutation before a method
+sees it.
+
+Signals (per vision block, from the block's q/k/v, q and k after the vision rotary embedding):
+
+- ``attention_received`` (1, heads, n): column mean of the attention the block really computes, over all
+  the image's queries, computed segment by segment in query chunks (never N x N): in full-attention blocks
+  the segment is the image, in windowed blocks each window - a key gets nothing from queries outside its
+  window, which is what the model does (the alternative, full attention in windowed blocks as the HiPrune
+  Qwen code recomputes it, describes an attention the model never runs). Every key's expected value is
+  1 / (image patches) either way, so windows of any size compare fairly. Then averaged over each 2x2 unit.
+- ``keys`` / ``values`` (1, heads, n, head_dim): the mean of the unit's 4 patch keys (after rotary, as the
+  attention saw them) / values.
+- No [CLS] token exists; methods that ask for one get a documented substitute (see ``SUPPORT``):
+  ``cls_attention`` is the mean attention received above (HoloV's and HiPrune's Qwen choice), except for
+  ``flowcut``, which gets the attention row of a **global token** - the mean of the image's patch queries
+  (FlowCut's Qwen choice): softmax(q_mean . K^T * scale) over the image's patches (the whole image, also in
+  windowed blocks: the token is virtual), averaged per unit. ``cls_query`` / ``cls_key`` / ``cls_value``
+  are that global token's query / key / value: the mean of the image's patch queries / keys / values.
+
+Layers are literal block indices (0-based, negative from the end). The merger reads the last block, so the
+LLaVA-style default ``-2`` is a windowed block on Qwen2.5-VL-7B (full attention in blocks 7/15/23/31); the
+Qwen code of HoloV and HiPrune reads the last block (``layer=-1``; HiPrune ``deep_layer=-1,
+object_layer=15``).
+
+Positions. Survivors keep their original 3-D M-RoPE position ids (from ``get_rope_index`` on the full
+sequence; never renumbered - ``positions="contiguous"`` does not apply to this family), and
+``model.model.rope_deltas`` is set so that decoding continues at the original max position + 1. The LM
+receives the shortened ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` and every other
+per-position tensor cut with one keep mask; ``generate`` returns the caller's full prompt + new tokens.
+``generate`` passes the 4-row ids it would build itself (a text row from the shortened mask over the three
+M-RoPE rows) and extends them by one per new token. Calls need ``input_ids`` (not ``inputs_embeds``) with
+``pixel_values`` and ``image_grid_thw``; videos are not pruned (a call with ``pixel_values_videos`` is an
+error while the patch is enabled; ``handle.disabled()`` runs it unpruned).
+
+Stage "llm" (``fastv``, ``visual_exit``): the shared decoder hooks of ``patches/_llm.py`` fit the Qwen2 text
+decoder (M-RoPE reaches the layers as ordinary (B, L, head_dim) cos/sin tables, already mixed from the three
+axes, so gathering them keeps each survivor's 3-D position); images of different sizes are chosen one by
+one, and rows of a batch that keep different counts are evened out with masked fillers.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from vlprune import signals as sig
+from vlprune.errors import VlpruneError
+from vlprune.methods.base import Context, Selection, Signal
+from vlprune.patcher import ImageRecord, Patcher
+from vlprune.registry import register_patcher
+from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
+
+from ._clip import resolve_layer
+from ._llm import LLMPruning
+from ._wrap import wrap_method
+
+_RECEIVED = ("substitute: [CLS] attention -> the mean attention each merged token receives (as HoloV and HiPrune "
+             "do on Qwen); in windowed blocks, such as the default layer -2, within windows (layer=-1: the last, "
+             "full-attention block)")
+
+#: method -> "yes" | "substitute: ..." | "no: reason" (the README's model x method table reads this).
+SUPPORT = {
+    "divprune": "yes",
+    "fastervlm": _RECEIVED,
+    "fastv": "yes",
+    "flowcut": "substitute: [CLS] -> a global token, the mean of the image's patch queries and values (FlowCut's "
+               "Qwen recipe); whole 2x2 units leave between vision blocks and the windows shrink with them",
+    "hiprune": "yes",
+    "holov": _RECEIVED,
+    "pool": "yes",
+    "prumerge_plus": "substitute: [CLS] query/key -> the mean of the image's patch queries/keys (a global token); "
+                     "merges average merged (projected) tokens",
+    "random": "yes",
+    "tcc": _RECEIVED,
+    "uniform": "yes",
+    "visionzip": _RECEIVED + "; merges average merged (projected) tokens",
+    "visual_exit": "yes",
+    "vtc_cls": _RECEIVED,
+}
+
+#: methods whose ``cls_attention`` is the global token's row (the others get the mean attention received)
+GLOBAL_TOKEN_METHODS = ("flowcut",)
+
+KINDS = ("attention_received", "cls_attention", "keys", "values", "cls_query", "cls_key", "cls_value")
+PER_UNIT = ("attention_received", "cls_attention", "keys", "values")
+SEQUENCE_PADS = {"input_ids": None, "attention_mask": 0, "labels": -100}
+
+
+def window_layout(grid_thw: torch.Tensor, vcfg) -> dict:
+    """Where each image's 2x2 units sit in the tower's window-permuted sequence.
+
+    ``window_index[j]`` is the raster unit (over all images, in order) at permuted unit position j;
+    ``reverse`` = argsort(window_index) maps permuted -> raster (``raster = permuted[reverse]``);
+    ``cu_windows`` are the window boundaries in units. Images stay contiguous and in order.
+    """
+    from transformers.vision_utils import get_vision_window_index  # generic transformers helper
+
+    window_index, cu_window = get_vision_window_index(
+        grid_thw, spatial_merge_size=vcfg.spatial_merge_size, window_size=vcfg.window_size,
+        patch_size=vcfg.patch_size)
+    unit = vcfg.spatial_merge_size ** 2
+    patches = [int(p) for p in grid_thw.prod(-1).tolist()]
+    window_index = window_index.to(grid_thw.device)
+    return {"window_index": window_index, "reverse": window_index.argsort(), "cu_windows": cu_window.long() // unit,
+            "patches": patches, "units": [p // unit for p in patches], "unit": unit}
+
+
+class VisionTaps:
+    """Signal taps on Qwen2.5-VL vision blocks: a pre-hook on ``attn`` keeps the block's ``cu_seqlens`` and
+    rotary tables, a hook on ``attn.qkv`` computes the requested signals from q/k/v (SDPA/flash stay on).
+
+    Results stay in the tower's current (window-permuted) unit order: per-unit kinds (heads, U[, d]),
+    global-token kinds (images, heads, d). ``bounds`` (patch offsets of the images in the sequence; None:
+    one image) says which patches form an image.
+    """
+
+    def __init__(self, blocks, requests: list[Signal], ledger, enabled, global_token: bool):
+        self.values: dict[Signal, torch.Tensor] = {}
+        self.bounds = None
+        self._enabled = enabled
+        self._global = global_token
+        self._pending = {}
+        by_block: dict[int, list[Signal]] = {}
+        for req in requests:
+            if req.kind not in KINDS:
+                raise VlpruneError(f"signal kind {req.kind!r} is not available on Qwen2.5-VL vision blocks "
+                                   f"(available: {', '.join(KINDS)})")
+            by_block.setdefault(resolve_layer(req.layer, len(blocks), "vision block"), []).append(req)
+        self.rope = sys.modules[type(blocks[0].attn).__module__].apply_rotary_pos_emb_vision
+        for idx, reqs in by_block.items():
+            attn = blocks[idx].attn
+            ledger.hook(attn.register_forward_pre_hook(functools.partial(self._grab, idx), with_kwargs=True))
+            ledger.hook(attn.qkv.register_forward_hook(functools.partial(self._on_qkv, idx, attn, reqs)))
+
+    def _grab(self, idx, _module, args, kwargs):
+        if self._enabled():
+            self._pending[idx] = (kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1],
+                                  kwargs.get("position_embeddings"))
+
+    def _on_qkv(self, idx, attn, reqs, _module, _inputs, output):
+        if not self._enabled() or idx not in self._pending:
+            return
+        cu, (cos, sin) = self._pending.pop(idx)
+        s = output.shape[0]
+        q, k, v = output.reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d) each
+        q, k = self.rope(q, k, cos, sin)  # exactly what the attention sees
+        bounds = self.bounds if self.bounds is not None else [0, s]
+        images = list(zip(bounds[:-1], bounds[1:]))
+        cache = {}
+        for req in reqs:
+            self.values[req] = self._signal(req.kind, q, k, v, cu, images, attn.scaling, cache)
+
+    def _signal(self, kind, q, k, v, cu, images, scale, cache):
+        if kind == "cls_attention" and not self._global:
+            kind = "attention_received"
+        if kind in cache:
+            return cache[kind]
+        heads = q.shape[1]
+        if kind == "attention_received":
+            received = torch.zeros(heads, q.shape[0], dtype=torch.float32, device=q.device)
+            edges = cu.tolist()
+            for start, end in zip(edges[:-1], edges[1:]):  # the block's own segments: image or window
+                if end > start:
+                    qs, ks = q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None]
+                    received[:, start:end] = sig.attention_received(qs, ks, scale)[0] * (end - start)
+            for start, end in images:  # mean over all the image's queries
+                received[:, start:end] /= end - start
+            out = _units(received)
+        elif kind == "cls_attention":  # the global token's row over its image's patches
+            rows = [sig.cls_attention(q[a:b].float().mean(0)[None, :, None], k[a:b].transpose(0, 1)[None], scale)[0]
+                    for a, b in images]
+            out = _units(torch.cat(rows, dim=-1))
+        elif kind in ("keys", "values"):
+            t = (k if kind == "keys" else v).float()
+            out = t.view(-1, 4, heads, t.shape[-1]).mean(1).transpose(0, 1)  # (H, U, d)
+        else:  # cls_query / cls_key / cls_value: the image's mean
+            t = {"cls_query": q, "cls_key": k, "cls_value": v}[kind].float()
+            out = torch.stack([t[a:b].mean(0) for a, b in images])  # (images, H, d)
+        cache[kind] = out
+        return out
+
+    def take(self) -> dict:
+        values, self.values = self.values, {}
+        self._pending.clear()
+        return values
+
+
+def _units(per_patch: torch.Tensor) -> torch.Tensor:
+    """(H, S) per patch -> (H, S / 4) mean over each 2x2 unit (4 consecutive patches in the tower's order)."""
+    return per_patch.view(per_patch.shape[0], -1, 4).mean(-1)
+
+
+class QwenLLMPruning(LLMPruning):
+    """patches/_llm.py for Qwen2.5-VL: per-image sizes and grids, rows evened out with masked fillers."""
+
+    ragged = True
+
+    def _choose(self, hidden, attention):
+        p = self.pending
+        kept, records = [], []
+        sig_ = Signal("last_attention", self.k_layer - 1)
+        for i, blk in enumerate(p["blocks"]):
+            n, k = p["n"][i], p["k"][i]
+            scores = attention[blk[:, 0], :, blk[:, 1]].transpose(0, 1)[None]  # (1, H, n)
+            if k == 0:
+                sel = Selection(torch.zeros(1, 0, dtype=torch.long, device=hidden.device))
+            elif k >= n:
+                sel = Selection(torch.arange(n, device=hidden.device)[None])
+            else:
+                sel = self.method.select(hidden[blk[:, 0], blk[:, 1]][None], k,
+                                         Context(grid=p["grids"][i], signals={sig_: scores}))
+                sel.indices = sel.indices.sort(dim=1).values
+            kept.append(sel.indices[0])
+            records += self.patcher.records([p["rows"][i]], n, sel.indices.shape[1], sel)
+        return keep_mask(p["image_mask"], p["blocks"], kept), records
+
+
+@register_patcher("Qwen2_5_VLForConditionalGeneration")
+class Qwen2_5_VL(Patcher):
+    stages = ("encoder", "projector", "in_encoder", "llm")
+
+    def __init__(self, model, handle):
+        super().__init__(model, handle)
+        verdict = SUPPORT.get(handle.method.name, "")
+        if verdict.startswith("no"):
+            raise VlpruneError(f"method={handle.method.name!r} is not supported on Qwen2.5-VL: {verdict[3:].strip()}")
+
+    def install(self):
+        model = self.model
+        self.inner = model.model
+        self.visual = self.inner.visual
+        self.vcfg = self.visual.config
+        if self.vcfg.spatial_merge_size != 2:
+            raise VlpruneError(f"the qwen2_5_vl patcher expects 2x2 patch merging, got spatial_merge_size="
+                               f"{self.vcfg.spatial_merge_size}")
+        self.blocks = self.visual.blocks
+        method = self.handle.method
+        self._busy = False
+        self._enc = None
+        self._prompt_len = None
+        self._grid_thw = None
+        if method.stage == "llm":
+            self.llm = QwenLLMPruning(self, self.inner.language_model.layers, method)
+        elif method.stage == "in_encoder":
+            self._install_in_encoder(method)
+        else:
+            self.taps = VisionTaps(self.blocks, method.signals(), self.ledger, lambda: self._busy,
+                                   global_token=method.name in GLOBAL_TOKEN_METHODS)
+        wrap_method(self, model, "forward", self._forward)
+        wrap_method(self, model, "generate", self._generate)
+
+    # -- in-encoder pruning (FlowCut): whole 2x2 units leave between vision blocks ---------------------
+    def _install_in_encoder(self, method):
+        depth = len(self.blocks)
+        self.feature_layer = depth - 1  # the merger reads the last block's output
+        self.plan = method.encoder_plan(self.feature_layer)
+        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
+            raise VlpruneError(f"method={method.name!r} planned prune blocks {self.plan}, which must lie in "
+                               f"0..{self.feature_layer - 1} (before the last vision block)")
+        requests = [s for layer in self.plan for s in method.encoder_signals(layer)]
+        self.taps = VisionTaps(self.blocks, requests, self.ledger, lambda: self._busy,
+                               global_token=method.name in GLOBAL_TOKEN_METHODS)
+        self.full_blocks = set(self.vcfg.fullatt_block_indexes)
+        for idx in range(self.plan[0] + 1, depth):
+            hook = functools.partial(self._before_block, idx)
+            self.ledger.hook(self.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True))
+        self.ledger.hook(self.visual.merger.register_forward_hook(self._after_merger))
+
+    def _before_block(self, idx, _module, args, kwargs):
+        state = self._enc
+        if not self._busy or state is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if idx - 1 in self.plan:  # prune after block idx - 1
+            layer = idx - 1
+            keep, state["score"] = self.handle.method.encoder_step(
+                layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
+            keep = keep[0]
+            state["units"] = state["units"][keep]
+            hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
+        units = state["units"]
+        patches = (units[:, None] * 4 + torch.arange(4, device=units.device)).reshape(-1)
+        new = dict(kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            new["hidden_states"] = hidden
+        cos, sin = new["position_embeddings"]
+        new["position_embeddings"] = (cos[patches], sin[patches])
+        if idx in self.full_blocks:
+            sizes = torch.tensor([units.numel()], device=units.device)
+        else:  # windows keep their surviving units; emptied windows vanish
+            sizes = torch.bincount(state["window_of"][units], minlength=state["windows"])
+            sizes = sizes[sizes > 0]
+        cu = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
+        new["cu_seqlens"] = cu
+        if new.get("max_seqlen") is not None:
+            new["max_seqlen"] = int(sizes.max()) * 4
+        return args, new
+
+    def _current_signals(self) -> dict:
+        """Taps of the current (shortened, window-ordered) sequence of one image, as (1, ...) tensors."""
+        out = {}
+        for req, value in self.taps.take().items():
+            out[req] = value if req.kind not in PER_UNIT else value[None]
+        return out
+
+    def _after_merger(self, _module, _args, output):
+        state = self._enc
+        if not self._busy or state is None:
+            return None
+        full = output.new_zeros(state["total"], output.shape[-1])  # pruned units stay zero (never read)
+        full[state["units"]] = output
+        return full
+
+    # -- the pruned call --------------------------------------------------------------------------
+    def _image_blocks(self, ids, grid_thw, n_patches):
+        cfg = self.model.config
+        if ids is None:
+            raise VlpruneError("the qwen2_5_vl patcher needs input_ids (as the processor returns them) together "
+                               "with pixel_values; inputs_embeds-only calls are not supported while patched")
+        if grid_thw is None:
+            raise VlpruneError("pass image_grid_thw (as the processor returns it) together with pixel_values")
+        image_mask = ids == cfg.image_token_id
+        sizes = [int(s) for s in (grid_thw.prod(-1) // self.vcfg.spatial_merge_size ** 2).tolist()]
+        blocks = placeholder_positions(image_mask, sizes)
+        if n_patches is not None and n_patches != int(grid_thw.prod(-1).sum()):
+            raise VlpruneError(f"image features and placeholders do not match: pixel_values hold {n_patches} "
+                               f"patches, image_grid_thw describes {int(grid_thw.prod(-1).sum())}")
+        rows = [int(b[0, 0]) for b in blocks]
+        grids = [(int(h) // 2, int(w) // 2) for _t, h, w in grid_thw.tolist()]
+        if any(int(t) != 1 for t in grid_thw[:, 0].tolist()):
+            raise VlpruneError("image_grid_thw with t > 1 (several frames per image) is not supported for pruning")
+        return image_mask, blocks, rows, sizes, grids
+
+    def _pad_id(self) -> int:
+        """Token id for re-padded positions: the LM's pad id, never an image/video placeholder."""
+        cfg = self.model.config
+        special = {cfg.image_token_id, cfg.video_token_id}
+        pad = cfg.text_config.pad_token_id
+        return pad if pad is not None and pad not in special else min(set(range(len(special) + 1)) - special)
+
+    def _positions(self, kw, generating: bool):
+        """(3, B, L) M-RoPE position ids the unpatched model would use for this call (no cache)."""
+        ids, mask = kw["input_ids"], kw.get("attention_mask")
+        pos = kw.get("position_ids")
+        if pos is not None:
+            return pos[-3:] if pos.dim() == 3 else pos[None].expand(3, -1, -1)
+        if kw.get("mm_token_type_ids") is not None:
+            pos, _ = self.inner.get_rope_index(
+                ids, kw["mm_token_type_ids"], image_grid_thw=kw.get("image_grid_thw"),
+                video_grid_thw=kw.get("video_grid_thw"), second_per_grid_ts=kw.get("second_per_grid_ts"),
+                attention_mask=mask)
+            return pos
+        if generating and mask is not None:  # generate() counts from the mask, the LM's forward 0..L-1
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            text = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return text[None].expand(3, -1, -1)
+
+    @staticmethod
+    def _no_videos(kw):
+        if kw.get("pixel_values_videos") is not None:
+            raise VlpruneError("videos are not pruned by the qwen2_5_vl patcher; call without pixel_values_videos "
+                               "(or remove the patch / use handle.disabled())")
+
+    def _prepare(self, kw: dict, generating: bool):
+        """Turn a call with ``pixel_values`` into one on the shortened sequence. Returns (kwargs, dropped)."""
+        if kw.get("cache") is not None and kw["cache"].get_seq_length() > 0:
+            raise VlpruneError("a pruned call with pixel_values must start from an empty cache")
+        pixel_values, grid_thw = kw["pixel_values"], kw.get("image_grid_thw")
+        ids = kw.get("input_ids")
+        image_mask, blocks, rows, sizes, grids = self._image_blocks(ids, grid_thw, pixel_values.shape[0])
+        ks = [self.keep_count(n) for n in sizes]
+        if all(k >= n for k, n in zip(ks, sizes)):  # the identity: nothing runs differently
+            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
+                                for r, n in zip(rows, sizes)]
+            return kw, 0
+
+        feats, selections = self._encode(pixel_values, grid_thw, sizes, ks, grids)
+        keep = keep_mask(image_mask, blocks, [s.indices[0] for s in selections])
+        pos = self._positions(kw, generating)  # (3, B, L) original M-RoPE ids
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2:  # the caller's padding goes too; rows are re-padded as needed
+            keep &= mask.bool()
+        kw = dict(kw)
+        for name in ("pixel_values", "image_grid_thw", "position_ids"):
+            kw.pop(name, None)
+        kw["mm_encoder_outputs"] = {"image": feats}
+        length = keep.shape[1]
+        pads = dict(SEQUENCE_PADS, input_ids=self._pad_id())
+        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw or name == "attention_mask"}
+        for name, value in kw.items():  # any other per-position tensor (mm_token_type_ids, ...)
+            if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
+                tensors[name] = (value, 0)
+        tensors["_pos"] = (pos.permute(1, 2, 0), 0)
+        short = compact(keep, tensors, is_right_padded(mask))
+        pos = short.pop("_pos").permute(2, 0, 1).contiguous()
+        kw.update(short)
+        new_mask = kw.get("attention_mask")
+        real = new_mask.bool() if new_mask is not None else torch.ones_like(kw["input_ids"], dtype=torch.bool)
+        # decoding continues at the original max position + 1: rope_deltas = next position - tokens kept
+        top = pos.masked_fill(~real[None], -1).amax(dim=(0, 2))
+        self.inner.rope_deltas = (top + 1 - real.long().sum(1)).unsqueeze(1)
+        if generating:  # as generate() builds them: a text row (from the mask) over the three M-RoPE rows
+            text = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+            pos = torch.cat([text[None], pos], dim=0)
+        kw["position_ids"] = pos
+        self.handle.last = [rec for r, n, s in zip(rows, sizes, selections)
+                            for rec in self.records([r], n, s.indices.shape[1], s)]
+        return kw, length - kw["input_ids"].shape[1]
+
+    def _encode(self, pixel_values, grid_thw, sizes, ks, grids):
+        """Vision tower + per-image selection among the merged tokens. Returns (features output, selections)."""
+        if self.handle.method.stage == "in_encoder":
+            return self._encode_in_encoder(pixel_values, grid_thw, sizes, ks)
+        layout = window_layout(grid_thw, self.vcfg)
+        self.taps.bounds = [0] + torch.tensor(layout["patches"]).cumsum(0).tolist()
+        self._busy = True
+        try:
+            out = self.inner.get_image_features(pixel_values, grid_thw, return_dict=True)
+            raw = self.taps.take()
+        finally:
+            self._busy = False
+            self.taps.bounds = None
+            self.taps.take()
+        signals = self._raster_signals(raw, layout)
+        survivors, selections = [], []
+        for i, (feat, n, k) in enumerate(zip(out.pooler_output, sizes, ks)):
+            if k >= n:
+                survivors.append(feat)
+                selections.append(Selection(torch.arange(n, device=feat.device)[None]))
+                continue
+            kept, sel = self.prune(feat[None], grids[i], {req: v[i] for req, v in signals.items()})
+            survivors.append(kept[0])
+            selections.append(sel)
+        out.pooler_output = tuple(survivors)
+        return out, selections
+
+    @staticmethod
+    def _raster_signals(raw: dict, layout) -> dict:
+        """Per-image (1, ...) signals in raster order of each image's merged grid."""
+        edges = [0] + torch.tensor(layout["units"]).cumsum(0).tolist()
+        out = {}
+        for req, value in raw.items():
+            if req.kind in PER_UNIT:
+                value = value[:, layout["reverse"]]  # window order -> raster order
+                out[req] = [value[:, a:b][None] for a, b in zip(edges[:-1], edges[1:])]
+            else:
+                out[req] = [value[i][None] for i in range(value.shape[0])]
+        return out
+
+    def _encode_in_encoder(self, pixel_values, grid_thw, sizes, ks):
+        """One image at a time (adaptive counts would make a batch ragged inside the tower)."""
+        chunks = pixel_values.split([int(p) for p in grid_thw.prod(-1).tolist()])
+        outputs, selections = [], []
+        for i, (chunk, n, k) in enumerate(zip(chunks, sizes, ks)):
+            grid = grid_thw[i : i + 1]
+            if k >= n:
+                out = self.inner.get_image_features(chunk, grid, return_dict=True)
+                outputs.append(out.pooler_output[0])
+                selections.append(Selection(torch.arange(n, device=chunk.device)[None]))
+                continue
+            layout = window_layout(grid, self.vcfg)
+            windows = layout["cu_windows"]
+            window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
+                                                windows[1:] - windows[:-1])
+            self._enc = {"units": torch.arange(n, device=chunk.device), "score": None, "target": k,
+                         "total": n, "window_of": window_of.to(chunk.device), "windows": len(windows) - 1}
+            self._busy = True
+            try:
+                out = self.inner.get_image_features(chunk, grid, return_dict=True)
+                units = self._enc["units"]
+            finally:
+                self._busy, self._enc = False, None
+                self.taps.take()
+            if units.numel() != k:
+                raise RuntimeError(f"{self.handle.method.name} left {units.numel()} units, expected {k}")
+            kept = layout["window_index"][units].sort().values  # window order -> raster order
+            outputs.append(out.pooler_output[0][kept])
+            selections.append(Selection(kept[None]))
+        out.pooler_output = tuple(outputs)
+        return out, selections
+
+    # -- entry points -----------------------------------------------------------------------------
+    def _forward(self, original, kw):
+        if self.enabled:
+            self._no_videos(kw)
+        if self.enabled and self.handle.method.stage == "llm" and self._image_count(kw):
+            return self._forward_llm(original, kw)
+        if not self.enabled or kw.get("pixel_values") is None:
+            return original(**kw)
+        kw, _ = self._prepare(kw, generating=False)
+        return original(**kw)
+
+    @staticmethod
+    def _image_count(kw) -> int:
+        if kw.get("pixel_values") is not None:
+            return 1
+        encoded = (kw.get("mm_encoder_outputs") or {}).get("image")
+        return 0 if encoded is None else len(encoded.pooler_output)
+
+    def _forward_llm(self, original, kw):
+        """Full sequence in; image tokens leave at decoder layer K (hooks in patches/_llm.py)."""
+        ids, mask = kw.get("input_ids"), kw.get("attention_mask")
+        grid_thw = kw.get("image_grid_thw", self._grid_thw)
+        image_mask, blocks, rows, sizes, grids = self._image_blocks(ids, grid_thw, None)
+        ks = [self.keep_count(n) for n in sizes]
+        if all(k >= n for k, n in zip(ks, sizes)):
+            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
+                                for r, n in zip(rows, sizes)]
+            return original(**kw)
+        length = image_mask.shape[1] if self._prompt_len is None else self._prompt_len
+        if is_right_padded(mask):
+            anchor = mask[:, :length].long().sum(1) - 1
+        else:
+            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
+        labels = kw.pop("labels", None)
+        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
+                            for r, n in zip(rows, sizes)]  # until a drop
+        self.llm.begin(image_mask, blocks, rows, anchor, sizes, ks)
+        self.llm.pending["grids"] = grids
+        try:
+            out = original(**kw)
+            cols, filler = self.llm.pending["cols"], self.llm.pending.get("filler")
+        finally:
+            self.llm.end()
+        if labels is not None:  # the loss over the positions that reached the head (fillers excluded)
+            if cols is not None:
+                labels = labels.gather(1, cols)
+                if filler is not None:
+                    labels = labels.masked_fill(filler, -100)
+            out.loss = self.model.loss_function(logits=out.logits, labels=labels,
+                                                vocab_size=self.model.config.text_config.vocab_size)
+        return out
+
+    def _generate(self, original, kw):
+        if self.enabled:
+            self._no_videos(kw)
+        if not self.enabled or kw.get("pixel_values") is None:
+            return original(**kw)
+        inputs = kw.pop("inputs", None)
+        if inputs is not None:
+            kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs
+        if self.handle.method.stage == "llm":
+            prompt = kw.get("input_ids")
+            self._prompt_len = None if prompt is None else prompt.shape[1]
+            self._grid_thw = kw.get("image_grid_thw")  # generate() encodes the images, then drops the grid
+            try:
+                return original(**kw)
+            finally:
+                self._prompt_len = self._grid_thw = None
+        prompt = kw.get("input_ids")
+        kw, dropped = self._prepare(kw, generating=True)
+        if dropped == 0:
+            return original(**kw)
+        if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
+            kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
+        out = original(**kw)
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        full = torch.cat([prompt, seqs[:, kw["input_ids"].shape[1]:]], dim=1)
+        if hasattr(out, "sequences"):
+            out.sequences = full
+            return out
+        return full
