@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import scenes
@@ -59,15 +60,44 @@ def prior_answers(items, n_train: int = 5000) -> list[str]:
     return out
 
 
-def run(model, processor, items, methods, ratios, positions="contiguous", log=print):
+@torch.inference_mode()
+def objects_kept(model, processor, scene_list, method, batch: int = 8, min_cover: float = 0.25, **budget) -> float:
+    """Model-free pruning metric: the share of annotated objects that keep at least one of their patches
+    (a patch belongs to an object when the object covers ``min_cover`` of it). Reads the kept indices
+    from ``handle.last``; the LM's output is not used."""
+    import vlprune
+
+    from .features import GRID
+
+    kept_objects = total = 0
+    with vlprune.pruned(model, method, **budget) as handle:
+        for start in range(0, len(scene_list), batch):
+            chunk = scene_list[start:start + batch]
+            inputs = processor(images=[s.pil() for s in chunk], text=[scenes.prompt("what color is the circle ?")] *
+                               len(chunk), return_tensors="pt", padding=True)
+            model(**inputs)
+            for sc, record in zip(chunk, handle.last):
+                kept = set(record.kept.tolist())
+                for mask in sc.masks:
+                    cover = mask.reshape(GRID, scenes.PATCH, GRID, scenes.PATCH).mean(axis=(1, 3)).reshape(-1)
+                    patches = set(np.flatnonzero(cover >= min_cover).tolist())
+                    kept_objects += bool(patches & kept)
+                    total += 1
+    return kept_objects / max(total, 1)
+
+
+def run(model, processor, items, methods, ratios, positions="contiguous", log=print, objects: int = 0):
     import vlprune
 
     rows = []
+    object_scenes = list(scenes.split("test", objects)) if objects else []
 
     def add(name, ratio, preds, seconds, **extra):
         acc = score(items, preds)
         rows.append({"method": name, "ratio": ratio, "accuracy": acc, "seconds": round(seconds, 1), **extra})
-        log(f"{name:<12} {str(ratio):<6} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f"  ({seconds:.0f} s)")
+        kept = f"  objects kept {extra['objects_kept']:.3f}" if "objects_kept" in extra else ""
+        log(f"{name:<12} {str(ratio):<6} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + kept
+            + f"  ({seconds:.0f} s)")
 
     t = time.time()
     add("unpruned", 0.0, answers(model, processor, items), time.time() - t)
@@ -79,7 +109,10 @@ def run(model, processor, items, methods, ratios, positions="contiguous", log=pr
                 preds = answers(model, processor, items)
             finally:
                 handle.remove()
-            add(method, ratio, preds, time.time() - t, positions=positions)
+            extra = {}
+            if object_scenes:
+                extra["objects_kept"] = objects_kept(model, processor, object_scenes, method, ratio=ratio)
+            add(method, ratio, preds, time.time() - t, positions=positions, **extra)
     t = time.time()
     handle = vlprune.patch(model, "uniform", keep=1)
     try:
@@ -98,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="fastervlm,random,uniform,pool")
     ap.add_argument("--ratios", default="0.75,0.889")
     ap.add_argument("--positions", default="contiguous", choices=["contiguous", "original"])
+    ap.add_argument("--objects", type=int, default=0,
+                    help="also measure the share of objects that keep a patch, on this many held-out scenes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -108,7 +143,8 @@ def main(argv=None):
     items = scenes.test_items(args.n)
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    rows = run(model, processor, items, methods, ratios, args.positions, log=lambda m: print(m, flush=True))
+    rows = run(model, processor, items, methods, ratios, args.positions, log=lambda m: print(m, flush=True),
+               objects=args.objects)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
