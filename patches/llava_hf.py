@@ -195,7 +195,8 @@ class LlavaHF(Patcher):
         if pad_id == cfg.image_token_id:
             pad_id = 0 if cfg.image_token_id != 0 else 1
         pads = dict(SEQUENCE_PADS, input_ids=pad_id)
-        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw}
+        # the mask always takes part: re-padded rows need one even when the caller passed none
+        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw or name == "attention_mask"}
         for name, value in kw.items():  # any other per-position tensor (token types, ...)
             if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
                 tensors[name] = (value, 0)

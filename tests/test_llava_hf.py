@@ -277,3 +277,18 @@ def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
             for kind in KINDS:
                 value = got[Signal(kind, layer if layer == 0 else -1)]
                 torch.testing.assert_close(value, want[kind].float(), rtol=1e-5, atol=1e-6, msg=f"{kind}@{layer}")
+
+
+def test_repadded_rows_get_a_mask_when_the_caller_passed_none(llava):
+    """Rows of equal length, different image counts, no attention_mask: after pruning they differ in
+    length, and the re-padded row must not attend to its pads."""
+    long_text = tuple(range(20, 39))
+    rows = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=long_text)]
+    assert len(rows[0]) == len(rows[1])
+    ids = torch.tensor(rows, device=DEVICE)
+    with vlprune.pruned(llava, "fastervlm", ratio=0.5), torch.inference_mode():  # no attention_mask argument
+        both = llava(input_ids=ids, pixel_values=pixels(3)).logits
+        first = llava(input_ids=ids[:1], pixel_values=pixels(3)[:2]).logits
+        second = llava(input_ids=ids[1:], pixel_values=pixels(3)[2:]).logits
+    torch.testing.assert_close(both[0, -1], first[0, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1, -1], second[0, -1], rtol=1e-4, atol=1e-5)
