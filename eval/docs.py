@@ -17,7 +17,7 @@ import vlprune
 from vlprune import registry
 
 README = Path(__file__).resolve().parent.parent / "README.md"  # the source checkout (editable install)
-BLOCKS = ("methods-table", "models-table")
+BLOCKS = ("methods-table", "models-table", "support-table")
 
 
 def _doc_line(obj) -> str:
@@ -72,9 +72,35 @@ def models_table() -> str:
     return "\n".join(lines)
 
 
+def support(cname: str) -> dict[str, str]:
+    """Method -> "yes" | "substitute: ..." | "no: ..." for one model class, from its patcher module's
+    ``SUPPORT`` dict (a patcher without one serves every method as is)."""
+    module = sys.modules[registry._PATCHERS[cname].__module__]
+    table = getattr(module, "SUPPORT", {})
+    return {name: table.get(name, "yes") for name in vlprune.methods()}
+
+
+def support_table() -> str:
+    """Model x method: ✔ as is, ≈ with a documented substitute, ✘ not served (the notes say why)."""
+    classes = vlprune.supported_model_classes()
+    lines = ["| method | " + " | ".join(f"`{c}`" for c in classes) + " |", "|---|" + "---|" * len(classes)]
+    notes = []
+    for name in vlprune.methods():
+        cells = []
+        for cname in classes:
+            verdict = support(cname)[name]
+            if verdict == "yes":
+                cells.append("✔")
+                continue
+            notes.append(f"{len(notes) + 1}. `{name}` on `{cname}`: {verdict}")
+            cells.append(("≈" if verdict.startswith("substitute") else "✘") + f" ({len(notes)})")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
 def render_tables() -> dict[str, str]:
     """Marker name -> the Markdown table that belongs between that marker pair."""
-    return {"methods-table": methods_table(), "models-table": models_table()}
+    return {"methods-table": methods_table(), "models-table": models_table(), "support-table": support_table()}
 
 
 def _pattern(name: str) -> re.Pattern:
