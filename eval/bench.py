@@ -25,7 +25,6 @@ import csv
 import ctypes
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -37,6 +36,7 @@ import vlprune
 from vlprune.budget import Budget
 from vlprune.registry import get_method
 
+from . import cpu_name
 from .flops import LengthRecorder, llava_prefill_flops
 
 IMAGE_TOKEN = 32000
@@ -241,13 +241,7 @@ def measure(model, prefill, generate, args) -> dict:
 def machine(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
 
 
 # -- the run -----------------------------------------------------------------------------------------

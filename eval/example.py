@@ -14,7 +14,6 @@ method this model's patcher cannot serve is listed as skipped, with the reason.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlprune
+from vlprune.eval import cpu_name
 from vlprune.budget import Budget
 from vlprune.registry import get_method
 
@@ -110,13 +110,7 @@ def parse_ratios(text: str) -> list[float]:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, cuda)"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads (torch {torch.__version__}, cpu)"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads (torch {torch.__version__}, cpu)"
 
 
 def timed_prefill(model, inputs: dict, repeats: int, device: torch.device, handle=None):
