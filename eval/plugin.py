@@ -1,0 +1,168 @@
+"""The lmms-eval model ``vlprune``: any built-in lmms-eval model with its HF model pruned by ``vlprune.patch``.
+
+    lmms-eval eval --model vlprune \\
+        --model_args base=llava_hf,pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,ratio=0.889 --tasks gqa
+
+How it plugs in: lmms-eval 0.7.3 resolves ``--model`` through its v2 registry, which reads the Python
+entry-point group ``lmms_eval.models`` (a bare ``@register_model`` is not seen by its CLI). Our entry point,
+:func:`manifests`, registers ``vlprune``. Its class never wraps the base model in another layer:
+``create_from_arg_string`` builds the *base* lmms-eval model (``llava_hf``, ``qwen2_5_vl``, ...) from the
+remaining arguments, patches the HF model inside it, and returns that very object. Every request type,
+prompt format, batching rule and data-parallel behaviour is therefore exactly the base's; the patch
+handle is on ``lm.vlprune_handle`` (and the model's ``_vlprune``).
+
+model_args: ``base`` (default ``llava_hf``; ``embedded`` = vlprune's offline model), ``method``,
+``ratio`` or ``keep``, ``positions``; keys that name an option of the method (``layer=-3``) go to the
+method; everything else goes to the base model. Without ``method`` the base runs unpruned (a baseline
+through the same code path).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmms_eval.api.model import lmms
+
+from vlprune.errors import VlpruneError
+
+#: vlprune's own bases (not lmms-eval models): name -> "module:Class"
+OWN_BASES = {"embedded": "vlprune.eval.embedded_lmms:EmbeddedLlava"}
+#: the bases whose HF model class vlprune has a patcher for (others may still work: the patch decides)
+SUGGESTED_BASES = ("llava_hf", "llava_onevision", "llava", "qwen2_5_vl", "embedded")
+PATCH_KEYS = ("method", "ratio", "keep", "positions")
+
+
+def available_bases() -> list[str]:
+    """Every name ``base=`` accepts: vlprune's own plus every model lmms-eval has registered (but not us)."""
+    from lmms_eval.models import list_available_models
+
+    return sorted(set(OWN_BASES) | set(list_available_models(include_aliases=True)) - {"vlprune"})
+
+
+def base_class(base: str, simple: bool):
+    """The lmms-eval class of ``base``; an unknown name is a clear error listing the bases."""
+    if base in OWN_BASES:
+        import importlib
+
+        module, name = OWN_BASES[base].split(":")
+        return getattr(importlib.import_module(module), name)
+    from lmms_eval.models import get_model, list_available_models
+
+    if base == "vlprune" or base not in list_available_models(include_aliases=True):
+        raise VlpruneError(f"unknown base={base!r} for --model vlprune. Typical bases: {', '.join(SUGGESTED_BASES)}; "
+                           f"all bases: {', '.join(available_bases())}")
+    return get_model(base, force_simple=simple)
+
+
+def split_args(args: dict) -> tuple[str, dict, dict]:
+    """(base, patch kwargs for ``vlprune.patch``, kwargs for the base model) from parsed model_args."""
+    from vlprune.registry import get_method
+
+    args = dict(args)
+    base = args.pop("base", "llava_hf")
+    patch = {k: args.pop(k) for k in PATCH_KEYS if k in args and args[k] is not None}
+    if "method" in patch:
+        fields = {f.name for f in dataclasses.fields(get_method(patch["method"]))}
+        patch.update({k: args.pop(k) for k in list(args) if k in fields})
+    elif set(patch) - {"positions"}:
+        raise VlpruneError(f"ratio/keep given without method= in model_args ({patch}); add method=NAME "
+                           f"(vlprune.methods() lists them) or drop them for an unpruned run")
+    return base, patch, args
+
+
+def hf_model(lm):
+    """The HF (torch) model inside an lmms-eval model, unwrapped from accelerate/DDP."""
+    import torch
+
+    for candidate in (getattr(lm, "model", None), getattr(lm, "_model", None)):
+        while hasattr(candidate, "module") and isinstance(candidate.module, torch.nn.Module):
+            candidate = candidate.module  # DistributedDataParallel
+        if isinstance(candidate, torch.nn.Module):
+            return candidate
+    raise VlpruneError(f"cannot find the torch model inside the lmms-eval model {type(lm).__name__} "
+                       f"(no .model / ._model attribute holding an nn.Module)")
+
+
+def apply_patch(lm, patch: dict):
+    """Patch the HF model inside ``lm`` (``patch`` = ``vlprune.patch`` kwargs; empty = unpruned)."""
+    import vlprune
+
+    if not patch.get("method"):
+        lm.vlprune_handle = None
+        return None
+    kwargs = dict(patch)
+    lm.vlprune_handle = vlprune.patch(hf_model(lm), kwargs.pop("method"), **kwargs)
+    return lm.vlprune_handle
+
+
+def build(arg: str | dict | None, additional_config: dict | None = None, simple: bool = False):
+    """The patched base lmms-eval model for a model_args string/dict (what ``--model vlprune`` creates)."""
+    from lmms_eval import utils
+
+    args = utils.simple_parse_args_string(arg) if isinstance(arg, str) else dict(arg or {})
+    base, patch, base_args = split_args(args)
+    if patch.get("method"):  # validate before a slow model load
+        from vlprune.budget import Budget
+        from vlprune.registry import get_method
+
+        cls = get_method(patch["method"])
+        if cls.budgeted:
+            Budget(ratio=patch.get("ratio"), keep=patch.get("keep"))
+        cls.create(**{k: v for k, v in patch.items() if k not in PATCH_KEYS})
+    klass = base_class(base, simple)
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    lm = klass(**base_args, **extra)
+    apply_patch(lm, patch)
+    return lm
+
+
+class VlpruneLM(lmms):
+    """Registered as ``vlprune`` (chat resolution). Never instantiated: see the module docstring."""
+
+    is_simple = False
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str | dict, additional_config: dict | None = None):
+        return build(arg_string, additional_config, simple=cls.is_simple)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise TypeError("vlprune's lmms-eval model is built with create_from_arg_string (it returns the patched "
+                        "base model); use vlprune.eval.plugin.build(...) from Python")
+
+    def loglikelihood(self, requests):  # pragma: no cover - never instantiated
+        raise NotImplementedError
+
+    def generate_until(self, requests):  # pragma: no cover
+        raise NotImplementedError
+
+    def generate_until_multi_round(self, requests):  # pragma: no cover
+        raise NotImplementedError
+
+
+class VlpruneSimpleLM(VlpruneLM):
+    """``--force_simple``: the base is built as its simple (non-chat) lmms-eval model."""
+
+    is_simple = True
+
+
+def manifests():
+    """Entry point of the ``lmms_eval.models`` group (see pyproject.toml).
+
+    Also lists ``vlprune`` in the dicts ``lmms-eval models`` prints: in 0.7.3 that command reads only the
+    built-in dicts, not the registry, so without this the model works but is not listed.
+    """
+    import sys
+
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    from .compat import ensure_filelock_api
+
+    ensure_filelock_api()
+
+    listing = sys.modules.get("lmms_eval.models")
+    for table in ("AVAILABLE_SIMPLE_MODELS", "AVAILABLE_CHAT_TEMPLATE_MODELS"):
+        if listing is not None and isinstance(getattr(listing, table, None), dict):
+            getattr(listing, table)["vlprune"] = "vlprune.eval.plugin." + (
+                "VlpruneSimpleLM" if table.startswith("AVAILABLE_SIMPLE") else "VlpruneLM")
+    return [ModelManifest(model_id="vlprune", simple_class_path="vlprune.eval.plugin.VlpruneSimpleLM",
+                          chat_class_path="vlprune.eval.plugin.VlpruneLM")]
