@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlprune.errors import VlpruneError
 from vlprune.methods.base import Selection
@@ -26,6 +27,7 @@ from vlprune.select import grid_shape
 from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
 
 from ._clip import ClipTaps, encoder_layers
+from ._contrast import ContrastSession, OutlierPrompt
 from ._llm import LLMPruning
 from ._wrap import wrap_method
 
@@ -35,6 +37,7 @@ SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
     stages = ("encoder", "projector", "in_encoder", "llm")
+    decoders = ("damro",)  # contrastive decoding in generate(): see _contrast_session and patches/_contrast.py
     llm_pruning = LLMPruning  # the stage-"llm" helper (a subclass may lay image tokens out differently)
 
     def install(self):
@@ -50,6 +53,11 @@ class LlavaHF(Patcher):
         projector = self.inner.multi_modal_projector
         self.grid = grid_shape(self.patches_per_image)
         self._prompt_len = None
+        self._session = None  # the ContrastSession of a running generate() (damro)
+        decoder = self.handle.decoder
+        if decoder is not None and decoder.active:  # its own [CLS] taps, live only in its own tower pass
+            self._contrast_busy = False
+            self.contrast_taps = ClipTaps(self.layers, decoder.signals(), self.ledger, lambda: self._contrast_busy)
         if method.stage == "llm":  # the vision side runs unchanged; see patches/_llm.py
             self.llm = self.llm_pruning(self, self.inner.language_model.layers, method)
             wrap_method(self, model, "forward", self._forward)
@@ -229,6 +237,8 @@ class LlavaHF(Patcher):
         return feats, Selection(torch.cat([s.indices for s in selections]))
 
     def _forward(self, original, kw):
+        if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted
+            return self._session.forward(original, kw)
         if self.enabled and self.handle.method.stage == "llm" and self._image_count(kw):
             return self._forward_llm(original, kw)
         if not self.enabled or kw.get("pixel_values") is None:
@@ -302,7 +312,11 @@ class LlavaHF(Patcher):
         if inputs is not None:
             kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs
         prompt = kw.get("input_ids")
-        kw, dropped = self._prepare(kw, generating=True)
+        decoder = self.handle.decoder
+        if decoder is not None and decoder.active:
+            original, kw, dropped = self._contrast_session(original, kw)
+        else:
+            kw, dropped = self._prepare(kw, generating=True)
         if dropped == 0:
             return original(**kw)
         if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
@@ -316,3 +330,48 @@ class LlavaHF(Patcher):
             out.sequences = full
             return out
         return full
+
+    # -- damro: contrastive decoding against the outlier-only prompt ------------------------------
+    def _contrast_session(self, original, kw):
+        """The call pruned as usual, and ``generate`` wrapped in a :class:`ContrastSession` whose second
+        prompt shows each image only through its outlier tokens. Returns (generate, kwargs, dropped)."""
+        decoder = self.handle.decoder
+        caller = dict(kw)
+        if caller.get("input_ids") is None:
+            raise VlpruneError(f"method={decoder.name!r} generates from input_ids (inputs_embeds alone is not supported)")
+        scores, feats = self._outlier_scores(caller)
+        kw, dropped = self._prepare(kw, generating=True)
+        if kw.get("pixel_values") is not None:  # nothing pruned: hand generate the features just computed
+            kw = {k: v for k, v in kw.items() if k != "pixel_values"}
+            kw["mm_encoder_outputs"] = {"image": feats}
+        prompt = self._outlier_prompt(caller, scores, feats)
+        return ContrastSession(decoder, prompt).around(self, original), kw, dropped
+
+    def _outlier_scores(self, kw):
+        """One tower pass with the decoder's taps: (head-mean [CLS] rows (images, N), projected features)."""
+        layer, strategy = self._feature_args(kw)
+        self._contrast_busy = True
+        try:
+            feats = self.inner.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=layer,
+                                                  vision_feature_select_strategy=strategy, return_dict=True)
+        finally:
+            self._contrast_busy = False
+            signals = self.contrast_taps.take()
+        return signals[self.handle.decoder.signals()[0]].mean(dim=1), feats
+
+    def _outlier_prompt(self, caller, scores, feats) -> OutlierPrompt:
+        """The caller's prompt with each image cut to its outliers, chosen among the tokens the LM sees
+        (``handle.last`` of the pruned call), recorded there as ``outliers``."""
+        decoder = self.handle.decoder
+        image_mask = self._image_mask(caller["input_ids"], None)
+        n = self.patches_per_image
+        blocks = placeholder_positions(image_mask, n)
+        chosen = []
+        for i, rec in enumerate(self.handle.last):
+            rec.outliers = decoder.choose(scores[i], rec.kept.to(scores.device) if rec.after < rec.before else None)
+            chosen.append(rec.outliers)
+        images = [feats.pooler_output[i][idx] for i, idx in enumerate(chosen)]
+        keep = keep_mask(image_mask, blocks, [c.to(image_mask.device) for c in chosen])
+        short, _ = self._shorten(caller, keep, BaseModelOutputWithPooling(pooler_output=images), generating=True)
+        return OutlierPrompt(short["input_ids"], short.get("attention_mask"), short.get("position_ids"),
+                             {"mm_encoder_outputs": short["mm_encoder_outputs"]})

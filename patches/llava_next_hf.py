@@ -39,6 +39,7 @@ Method support (``SUPPORT``; the README's model x method table is built from it)
 | fastervlm, hiprune, pool, prumerge_plus, random, tcc, uniform, visionzip, vtc_cls (stage encoder) | yes: per view |
 | flowcut (stage in_encoder) | yes: per view, one tower run each; its first prune picks among the unpadded tokens only |
 | fastv, visual_exit (stage llm) | yes: one pass over the image's visual tokens at layer K |
+| damro (decoding) | no, not yet: rejected at patch time (``decoders = ()``) |
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ SUPPORT = {
     "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
     "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
     "visual_exit": "yes", "vtc_cls": "yes",
+    "damro": "no: not yet; the outlier-only prompt needs per-view [CLS] rows and the AnyRes packing (the llava_hf "
+             "patcher's _contrast_session shows the hooks to implement)",
 }
 
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
@@ -192,6 +195,7 @@ class NextLLMPruning(LLMPruning):
 @register_patcher("LlavaNextForConditionalGeneration")
 class LlavaNextHF(LlavaHF):
     llm_pruning = NextLLMPruning
+    decoders = ()  # damro: not yet (see SUPPORT); LlavaHF serves it
 
     def install(self):
         cfg = self.model.config

@@ -89,6 +89,8 @@ SUPPORT = {
     "visionzip": _RECEIVED + "; merges average merged (projected) tokens",
     "visual_exit": "yes",
     "vtc_cls": _RECEIVED,
+    "damro": "no: no [CLS] token to rank outliers by; a substitute (e.g. the mean attention received) is not "
+             "what DAMRO's analysis rests on, so it is rejected rather than approximated",
 }
 
 #: methods whose ``cls_attention`` is the global token's row (the others get the mean attention received)

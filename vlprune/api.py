@@ -41,16 +41,28 @@ class Handle:
         self.model = model
         self.config = config
         cls = get_method(config.method)
-        if cls.budgeted:
+        method = cls.create(**config.options)
+        # a decoding method (damro) changes how tokens are generated, not which visual tokens the LM sees:
+        # it is the handle's ``decoder``; ``method`` is the pruning it names (its ``pruner()``), budgeted as usual
+        self.decoder = None if cls.prunes else method
+        if self.decoder is not None:
+            method = self.decoder.pruner()
+        if self.decoder is not None and self.decoder.prune is None:
+            if config.ratio is not None or config.keep is not None:
+                raise VlpruneError(f"method={config.method!r} without prune= keeps every visual token; it takes no "
+                                   f"ratio= or keep= (got ratio={config.ratio!r}, keep={config.keep!r}); name a "
+                                   f"pruning method with prune=... to prune as well")
+            self.budget = Budget(ratio=0.0)  # the identity: the unpruned computation
+        elif type(method).budgeted:
             self.budget = Budget(ratio=config.ratio, keep=config.keep)
         elif config.ratio is not None or config.keep is not None:
-            raise VlpruneError(f"method={config.method!r} decides by itself how many visual tokens to drop; "
+            raise VlpruneError(f"method={method.name!r} decides by itself how many visual tokens to drop; "
                                f"it takes no ratio= or keep= (got ratio={config.ratio!r}, keep={config.keep!r})")
         else:
             self.budget = None
-        self.method = cls.create(**config.options)
+        self.method = method
         # record every option in effect, defaults included, so a saved config says what really ran
-        self.config = config = dataclasses.replace(config, options=self.method.options())
+        self.config = config = dataclasses.replace(config, options=(self.decoder or method).options())
         self.last: list = []  # ImageRecord per image of the most recent call
         self.active = False
         self._disabled = False

@@ -21,7 +21,8 @@ class ImageRecord:
 
     ``kept`` are indices into the encoder's patch grid in raster order (ascending); ``scores`` is the
     method's per-patch score (None for methods without one, or when nothing was pruned); ``sources``
-    (after, before) is, for merging methods, each output token's weights over the input tokens.
+    (after, before) is, for merging methods, each output token's weights over the input tokens;
+    ``outliers`` (damro, in generate) the outlier tokens the contrasting pass saw, in the same index space.
     """
 
     row: int  # batch row (prompt) the image belongs to
@@ -30,11 +31,13 @@ class ImageRecord:
     kept: torch.Tensor
     scores: torch.Tensor | None = None
     sources: torch.Tensor | None = None
+    outliers: torch.Tensor | None = None
 
 
 class Patcher:
     model_classes: tuple[str, ...] = ()
     stages: tuple[str, ...] = ("encoder",)
+    decoders: tuple[str, ...] = ()  # decoding methods (``prunes = False``, e.g. damro) the patcher serves
 
     def __init__(self, model, handle):
         self.model = model
@@ -45,6 +48,10 @@ class Patcher:
                 f"method={handle.method.name!r} acts at stage {handle.method.stage!r}, which "
                 f"{type(self).__name__} does not support (supported stages: {', '.join(self.stages)})"
             )
+        decoder = getattr(handle, "decoder", None)
+        if decoder is not None and decoder.name not in self.decoders:
+            raise VlpruneError(f"method={decoder.name!r} is not served on {type(model).__name__} ({type(self).__name__}); "
+                               "see the README's model x method support table for the models that serve it")
 
     # -- to implement -----------------------------------------------------------------------------
     def install(self) -> None:  # pragma: no cover - abstract

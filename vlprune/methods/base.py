@@ -81,6 +81,7 @@ class Method:
     summary: ClassVar[str] = ""
     stage: ClassVar[str] = "encoder"
     budgeted: ClassVar[bool] = True  # False: the method decides how much to drop (no ratio/keep)
+    prunes: ClassVar[bool] = True  # False: a decoding method (damro); it may name a pruning method (``pruner()``)
 
     @classmethod
     def create(cls, **options) -> "Method":
