@@ -61,13 +61,26 @@ def split_args(args: dict) -> tuple[str, dict, dict]:
     args = dict(args)
     base = args.pop("base", "llava_hf")
     patch = {k: args.pop(k) for k in PATCH_KEYS if k in args and args[k] is not None}
+    if "keep" in patch:
+        patch["keep"] = _integral(patch["keep"])
     if "method" in patch:
-        fields = {f.name for f in dataclasses.fields(get_method(patch["method"]))}
-        patch.update({k: args.pop(k) for k in list(args) if k in fields})
+        fields = {f.name: f for f in dataclasses.fields(get_method(patch["method"]))}
+        for k in [k for k in args if k in fields]:
+            default, value = fields[k].default, args.pop(k)
+            patch[k] = _integral(value) if isinstance(default, int) or default is None or "int" in str(
+                fields[k].type) else value
     elif set(patch) - {"positions"}:
         raise VlpruneError(f"ratio/keep given without method= in model_args ({patch}); add method=NAME "
                            f"(vlprune.methods() lists them) or drop them for an unpruned run")
     return base, patch, args
+
+
+def _integral(value):
+    """lmms-eval parses "-2" as the float -2.0 (only digit-only strings become ints); layer indices and
+    token counts must be ints, so whole floats are turned back into ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def hf_model(lm):
@@ -81,6 +94,24 @@ def hf_model(lm):
             return candidate
     raise VlpruneError(f"cannot find the torch model inside the lmms-eval model {type(lm).__name__} "
                        f"(no .model / ._model attribute holding an nn.Module)")
+
+
+def _default_device(klass, base_args: dict, extra: dict) -> None:
+    """Single-process runs: ``device`` defaults to cuda when there is one, else cpu, and ``device_map`` to
+    that device. Why: lmms-eval's HF bases default to device="cuda" and device_map="", and transformers 5
+    rejects device_map="" (lmms-eval fills it in only for multi-process launches, which we leave alone)."""
+    import inspect
+    import os
+
+    import torch
+
+    params = inspect.signature(klass.__init__).parameters
+    device = base_args.get("device") or extra.get("device")
+    if not device and "device" in params:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base_args["device"] = device
+    if "device_map" in params and "device_map" not in base_args and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        base_args["device_map"] = str(device or "cpu")
 
 
 def apply_patch(lm, patch: dict):
@@ -111,6 +142,7 @@ def build(arg: str | dict | None, additional_config: dict | None = None, simple:
         cls.create(**{k: v for k, v in patch.items() if k not in PATCH_KEYS})
     klass = base_class(base, simple)
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    _default_device(klass, base_args, extra)
     lm = klass(**base_args, **extra)
     apply_patch(lm, patch)
     return lm
