@@ -169,6 +169,8 @@ class Comparison:
     budget: dict
     waited_s: float  # time spent waiting for the model lock (another request held it)
     model_window: tuple[float, float]  # wall-clock (time.time()) start and end of this request's turn on the model
+    repeats: int = 1
+    device: str = "cpu"
 
 
 class Engine:
@@ -231,7 +233,7 @@ class Engine:
         for run in runs[1:]:
             if run.prefill_ms and runs[0].prefill_ms:
                 run.speedup = runs[0].prefill_ms / run.prefill_ms
-        return Comparison(runs, budget, start - asked, (start, end))
+        return Comparison(runs, budget, start - asked, (start, end), self.repeats, str(self.device))
 
     def _run(self, method, inputs, budget, image) -> Run:
         run = Run(method)
@@ -369,6 +371,8 @@ def render(comparison: Comparison, image: Image.Image):
         if r.panels:
             parts = " | ".join(p.label for p in r.panels)
             gallery.append((overlay(image, r.panels), f"{r.method}: {r.answer} ({r.visual[1]}/{r.visual[0]} tokens kept; {parts})"))
+    note = (f"\n\nprefill: median of {comparison.repeats} forward pass(es) over the prompt on {comparison.device}, "
+            f"after `generate` warmed the setting up; speed-up = unpruned / pruned prefill.")
     budget = ", ".join(f"{k}={v}" for k, v in comparison.budget.items())
     failed = [r.method or "unpruned" for r in runs if r.error]
     status = f"Done: {len(runs) - 1} method(s) at {budget}" + (f"; failed: {', '.join(failed)}" if failed else "") + \
@@ -382,7 +386,7 @@ def render(comparison: Comparison, image: Image.Image):
                   "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup,
                   "kept": [list(p.kept) for p in r.panels], "grids": [list(p.grid) for p in r.panels]} for r in runs],
     }
-    return status, TABLE_HEAD + "\n".join(rows), gallery, details
+    return status, TABLE_HEAD + "\n".join(rows) + note, gallery, details
 
 
 def handle_request(engine: Engine, image_path, question, methods, mode, ratio, keep):
@@ -458,7 +462,7 @@ def build_app(engine: Engine, concurrency: int = 4):
                 status = gr.Markdown("Upload an image, ask a question, press **Compare**.", elem_id="status")
                 table = gr.Markdown(elem_id="table")
                 gallery = gr.Gallery(label="Kept patches (bright) per method", elem_id="gallery", columns=3,
-                                     object_fit="contain", height="auto")
+                                     object_fit="contain")
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(elem_id="details")
         run.click(lambda *a: handle_request(engine, *a), [image, question, methods, mode, ratio, keep],
@@ -466,7 +470,7 @@ def build_app(engine: Engine, concurrency: int = 4):
     return app
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlprune-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF path or hub id (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL); default: the embedded model")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -477,7 +481,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, help="answer length (default: 4 for the embedded model, else 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill passes per setting (median)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (the model runs one at a time)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO)
     kw = {"repeats": args.repeats} | ({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {})
