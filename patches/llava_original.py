@@ -1,0 +1,327 @@
+"""The original LLaVA code (``llava-torch``, ``llava.model.LlavaLlamaForCausalLM``; LLaVA-1.5 checkpoints).
+
+How the original code feeds images: ``input_ids`` hold ONE placeholder (``IMAGE_TOKEN_INDEX = -200``) per
+image; ``prepare_inputs_labels_for_multimodal`` encodes the images (``encode_images``: the CLIP tower's
+``hidden_states[mm_vision_select_layer]`` without [CLS], then ``mm_projector``), drops each row's padding,
+splices every image's features in place of its placeholder, and pads the rows again (on the side
+``config.tokenizer_padding_side`` names, right by default) into ``inputs_embeds``, attention mask, labels
+and position ids. It inserts whatever number of features an image has, so pruning needs no sequence
+surgery of ours: the survivors simply arrive shorter. The pieces, all instance-level and in the ledger:
+
+- stages encoder / projector / in_encoder: the same CLIP q/k/v taps and projector hooks as HF LLaVA-1.5
+  (``patches/llava_hf.py``, which this subclasses); a wrapper of ``encode_images`` arms them only inside
+  ``prepare_inputs_labels_for_multimodal`` (in_encoder methods run one image at a time);
+- stage llm: the full sequence is built as unpatched; a wrapper of ``prepare_inputs_labels_for_multimodal``
+  locates every image's N positions in it and arms ``patches/_llm.py`` for the LM call that follows;
+- ``positions="original"``: the same wrapper hands back the position ids the unpatched model would have
+  used, gathered at the survivors (the original code otherwise numbers the shortened rows 0..L'-1);
+- transformers 5 compatibility: ``generate`` calls ``forward(cache=...)``, while the original ``forward``
+  only knows ``past_key_values``; the ``forward`` wrapper renames it (only while patched; the unpatched
+  model's ``generate`` fails under transformers 5 as it did before, and its ``forward`` is untouched).
+  The original ``forward`` then passes ``past_key_values`` to ``LlamaForCausalLM.forward``, which
+  transformers accepts with a deprecation warning until 5.40 (the upper bound of vlprune's pin).
+
+Kept indices are raster indices of the 24 x 24 (generally s x s) patch grid, ascending. ``generate``
+keeps the original contract: the original code generates from ``inputs_embeds``, so it returns only the
+new tokens, patched or not; an explicit ``max_length`` counts the unpruned sequence, as unpatched.
+
+Supported calls: ``images`` as one (B, 3, H, W) tensor (LLaVA-1.5's ``image_aspect_ratio`` "pad" or
+"square"), ``mm_vision_select_feature="patch"``. A prompt without a placeholder consumes one image of
+``images`` unused (the original code's rule), so ``handle.last`` has records only for images that reach
+the LM. The ``llava`` package is imported only when such a model is patched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.methods.base import Selection
+from vlprune.patcher import ImageRecord
+from vlprune.registry import register_patcher
+from vlprune.select import grid_shape
+
+from ._clip import ClipTaps, encoder_layers
+from ._llm import LLMPruning
+from ._wrap import named_arguments, wrap_method
+from .llava_hf import LlavaHF
+
+#: every method as on HF LLaVA-1.5: same CLIP tower, same projector position, a Llama LM
+SUPPORT = {
+    "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
+    "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
+    "visual_exit": "yes", "vtc_cls": "yes",
+    "damro": "no: its contrastive decoding is implemented in the HF LLaVA-1.5 generate() path only",
+}
+
+
+@dataclass
+class _Row:
+    """One prompt of the spliced sequence: its content (padding removed) and where its images sit."""
+
+    orig: torch.Tensor  # (content,) each content position's index in the UNPRUNED content
+    images: list  # (image index into ``images``, first content position, token count) per spliced image
+    full: int  # content length of the unpruned row
+
+
+@register_patcher("LlavaLlamaForCausalLM")
+class LlavaOriginal(LlavaHF):
+    stages = ("encoder", "projector", "in_encoder", "llm")
+    decoders = ()  # decoding methods (damro) hook HF LLaVA's generate(); the original code's is different
+
+    def install(self):
+        from llava.constants import IMAGE_TOKEN_INDEX  # the model exists, so llava is installed
+
+        self.image_token = IMAGE_TOKEN_INDEX
+        model = self.model
+        self.inner = model.get_model()
+        tower = self.inner.get_vision_tower()
+        if tower is None or not getattr(tower, "is_loaded", False):
+            raise VlpruneError(
+                "this LlavaLlamaForCausalLM has no loaded vision tower; load it with "
+                "llava.model.builder.load_pretrained_model (or call model.get_vision_tower().load_model())")
+        if tower.select_feature != "patch":
+            raise VlpruneError(f"mm_vision_select_feature={tower.select_feature!r} is not supported for pruning "
+                               "(supported: 'patch', which feeds the patch tokens without [CLS])")
+        self.layers = encoder_layers(tower.vision_tower)
+        self.select_layer = tower.select_layer
+        self.patches_per_image = tower.num_patches
+        self.grid = grid_shape(self.patches_per_image)
+        self._busy = self._in_prepare = self._generating = False
+        self._selection = self._selections = self._enc = self._labels = None
+        self._prompt_len = None
+        method = self.handle.method
+        if method.stage == "llm":
+            self.llm = self.llm_pruning(self, self.inner.layers, method)
+        else:
+            if method.stage == "in_encoder":
+                self._install_in_encoder(method)
+            else:
+                self.taps = ClipTaps(self.layers, method.signals(), self.ledger, lambda: self._busy)
+            self._install_selection(method, self.inner.mm_projector)
+            wrap_method(self, model, "encode_images", self._encode_images)
+        wrap_method(self, model, "prepare_inputs_labels_for_multimodal", self._prepare_mm)
+        self._wrap_forward()
+        wrap_method(self, model, "generate", self._generate)
+
+    def _wrap_forward(self):
+        """``forward`` as an instance attribute; transformers 5's ``cache`` keyword is renamed before the
+        call is bound to the original signature (which has ``past_key_values`` and no ``**kwargs``)."""
+        original = self.model.forward
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # generate() inspects the signature (position_ids etc.)
+        def forward(*args, **kwargs):
+            if "cache" in kwargs:
+                cache = kwargs.pop("cache")
+                if kwargs.get("past_key_values") is None:
+                    kwargs["past_key_values"] = cache
+            return self._forward(original, named_arguments(signature, args, kwargs))
+
+        self.ledger.set_attr(self.model, "forward", forward)
+
+    def _feature_layer_index(self) -> int:
+        layer = self.select_layer
+        return layer % (len(self.layers) + 1) - 1  # hidden_states[i] is the output of layer i-1
+
+    def _install_in_encoder(self, method):
+        """As LLaVA-1.5 HF, with the feature layer from ``mm_vision_select_layer``."""
+        self.feature_layer = self._feature_layer_index()
+        self.plan = method.encoder_plan(self.feature_layer)
+        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
+            raise VlpruneError(f"method={method.name!r} planned prune layers {self.plan}, which must lie in "
+                               f"0..{self.feature_layer - 1} (before the feature layer {self.feature_layer})")
+        requests = [sig for l in self.plan for sig in method.encoder_signals(l)]
+        self.taps = ClipTaps(self.layers, requests, self.ledger, lambda: self._busy)
+        for l in self.plan:
+            hook = functools.partial(self._between_layers, l)
+            self.ledger.hook(self.layers[l + 1].register_forward_pre_hook(hook, with_kwargs=True))
+
+    # -- where the images go ----------------------------------------------------------------------
+    def _rows(self, ids, mask, kept: list) -> list[_Row]:
+        """The layout the original code builds: per prompt, its content positions' unpruned indices and
+        its spliced images. ``kept[i]`` are the kept raster indices of ``images[i]`` (ascending)."""
+        n = self.patches_per_image
+        rows, image = [], 0
+        for r in range(ids.shape[0]):
+            content = ids[r] if mask is None else ids[r][mask[r].bool()]
+            marks = (content == self.image_token).nonzero().flatten().tolist()
+            if not marks:  # the original code consumes one image for a prompt without a placeholder
+                rows.append(_Row(torch.arange(content.shape[0], device=ids.device), [], content.shape[0]))
+                image += 1
+                continue
+            pieces, spliced, orig, prev = [], [], 0, 0
+            for mark in marks:
+                text = mark - prev
+                pieces.append(torch.arange(orig, orig + text, device=ids.device))
+                orig += text
+                start = sum(p.shape[0] for p in pieces)
+                pieces.append(orig + kept[image].to(ids.device))
+                spliced.append((image, start, kept[image].shape[0]))
+                orig, prev, image = orig + n, mark + 1, image + 1
+            pieces.append(torch.arange(orig, orig + content.shape[0] - prev, device=ids.device))
+            rows.append(_Row(torch.cat(pieces), spliced, orig + content.shape[0] - prev))
+        limit = getattr(self.model.config, "tokenizer_model_max_length", None)
+        if limit is not None:  # the original code truncates every row to this length
+            for row in rows:
+                row.orig, row.full = row.orig[:limit], min(row.full, limit)
+                row.images = [(i, s, max(0, min(c, limit - s))) for i, s, c in row.images if s < limit]
+        return rows
+
+    def _images_needed(self, ids, mask) -> int:
+        counts = ((ids == self.image_token) & (mask.bool() if mask is not None else True)).sum(1)
+        return int(counts.clamp_min(1).sum())
+
+    def _left_padded(self) -> bool:
+        return getattr(self.model.config, "tokenizer_padding_side", "right") == "left"
+
+    def _place(self, rows: list[_Row], length: int):
+        """Output column of each row's content position 0 in a padded batch of ``length``."""
+        if self._left_padded():
+            return [length - row.orig.shape[0] for row in rows]
+        return [0] * len(rows)
+
+    def _position_ids(self, rows: list[_Row], length: int, caller_positions, dtype, device):
+        """The unpatched model's position ids, gathered at the survivors (``positions="original"``).
+
+        The unpatched model counts content positions 0..L-1 per prompt when position ids exist (given
+        by the caller, or, inside ``generate``, derived from the attention mask); when ``forward`` gets
+        none, the LM counts every column of the padded batch, padding included."""
+        counting_columns = caller_positions is None and not self._generating
+        full_len = max(row.full for row in rows)
+        pos = torch.zeros(len(rows), length, dtype=dtype, device=device)
+        for r, (row, start) in enumerate(zip(rows, self._place(rows, length))):
+            shift = full_len - row.full if counting_columns and self._left_padded() else 0
+            pos[r, start:start + row.orig.shape[0]] = (row.orig + shift).to(dtype)
+        return pos
+
+    # -- the wrappers -------------------------------------------------------------------------------
+    def _prepare_mm(self, original, kw):
+        ids, images = kw.get("input_ids"), kw.get("images")
+        if not self.enabled or images is None or ids is None or ids.shape[1] == 1:
+            return original(**kw)
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise VlpruneError("the llava_original patcher supports images as one (B, 3, H, W) tensor (LLaVA-1.5, "
+                               "image_aspect_ratio 'pad' or 'square'); got a list or 5-D images (AnyRes)")
+        mask = kw.get("attention_mask")
+        needed = self._images_needed(ids, mask)
+        if images.shape[0] != needed:
+            raise VlpruneError(
+                f"images holds {images.shape[0]} images; the prompts need {needed} (one per IMAGE_TOKEN_INDEX "
+                "placeholder, and the original code consumes one for every prompt without a placeholder)")
+        n, k = self.patches_per_image, self.keep_count(self.patches_per_image)
+        full = [torch.arange(n, device=ids.device)] * needed
+        if k >= n:  # the identity: the unpatched call
+            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full[i])
+                                for r, row in enumerate(self._rows(ids, mask, full)) for i, _, _ in row.images]
+            return original(**kw)
+        if self.handle.method.stage == "llm":
+            return self._prepare_llm(original, kw, full, n, k)
+        self._in_prepare, self._selections = True, []
+        try:
+            out = original(**kw)
+            selections = self._selections
+        finally:
+            self._in_prepare, self._selections = False, None
+        sel = Selection(torch.cat([s.indices for s in selections]),
+                        *[None if any(getattr(s, f) is None for s in selections) else
+                          torch.cat([getattr(s, f) for s in selections]) for f in ("scores", "tokens", "sources")])
+        rows = self._rows(ids, mask, list(sel.indices))
+        records = self.records([0] * needed, n, k, sel)  # rows filled in below
+        self.handle.last = [dataclasses.replace(records[i], row=r) for r, row in enumerate(rows) for i, _, _ in row.images]
+        if self.handle.config.positions == "original":
+            _, pos, attn, past, embeds, labels = out
+            pos = self._position_ids(rows, embeds.shape[1], kw.get("position_ids"), torch.long, embeds.device)
+            out = (None, pos, attn, past, embeds, labels)
+        return out
+
+    def _prepare_llm(self, original, kw, full, n, k):
+        """Unpatched splice; then arm the drop at decoder layer K for the LM call that follows."""
+        ids, mask = kw["input_ids"], kw.get("attention_mask")
+        out = original(**kw)
+        _, pos, attn, past, embeds, labels = out
+        rows = self._rows(ids, mask, full)
+        b, length = embeds.shape[:2]
+        image_mask = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
+        blocks, owners = [], []
+        for r, (row, start) in enumerate(zip(rows, self._place(rows, length))):
+            for _, first, count in row.images:
+                if count != n:
+                    raise VlpruneError(f"an image was cut to {count} of {n} tokens by tokenizer_model_max_length; "
+                                       f"method={self.handle.method.name!r} needs whole images")
+                cols = torch.arange(start + first, start + first + n, device=embeds.device)
+                image_mask[r, cols] = True
+                blocks.append(torch.stack([torch.full_like(cols, r), cols], 1))
+                owners.append(r)
+        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full[0]) for r in owners]  # until a drop
+        if not blocks:
+            return out
+        if attn is not None and not self._left_padded():
+            anchor = attn.long().sum(1) - 1  # the prompt's last token
+        else:
+            anchor = torch.full((b,), length - 1, device=embeds.device)
+        self.llm.begin(image_mask, blocks, owners, anchor, n, k)
+        self._labels = labels
+        return None, pos, attn, past, embeds, None  # the loss is taken after the drop (in _forward)
+
+    def _encode_images(self, original, kw):
+        """Inside a pruned splice: arm the taps and hooks; in-encoder methods go one image at a time."""
+        if not self._in_prepare:
+            return original(**kw)
+        images = kw["images"]
+        chunks = images.split(1) if self.handle.method.stage == "in_encoder" else [images]
+        feats = []
+        for chunk in chunks:
+            self._busy = True
+            self._enc = {"orig": torch.arange(self.patches_per_image, device=chunk.device).expand(chunk.shape[0], -1),
+                         "score": None, "target": self.keep_count(self.patches_per_image)}
+            try:
+                feats.append(original(images=chunk))
+                self._selections.append(self._selection)
+            finally:
+                self._busy, self._selection, self._enc = False, None, None
+                self.taps.take()
+        return feats[0] if len(feats) == 1 else torch.cat(feats)
+
+    def _forward(self, original, kw):
+        try:
+            out = original(**kw)
+            pending = getattr(self, "llm", None) is not None and self.llm.pending is not None
+            if pending:
+                cols, filler = self.llm.pending["cols"], self.llm.pending.get("filler")
+        finally:
+            if getattr(self, "llm", None) is not None:
+                self.llm.end()
+            labels, self._labels = self._labels, None
+        if pending and labels is not None:  # the loss over the positions that reached the head
+            if cols is not None:
+                labels = labels.gather(1, cols) if filler is None else labels.gather(1, cols).masked_fill(filler, -100)
+            out.loss = self.model.loss_function(logits=out.logits, labels=labels, vocab_size=self.model.config.vocab_size)
+        return out
+
+    def _generate(self, original, kw):
+        if not self.enabled or kw.get("images") is None:
+            return original(**kw)
+        ids = kw.get("inputs")
+        if kw.get("max_length") is not None and kw.get("max_new_tokens") is None and ids is not None:
+            kw["max_length"] -= self._dropped(ids, kw.get("attention_mask"))
+        self._generating = True
+        try:
+            return original(**kw)
+        finally:
+            self._generating = False
+            if getattr(self, "llm", None) is not None:
+                self.llm.end()
+
+    def _dropped(self, ids, mask) -> int:
+        """How much shorter the spliced batch gets: an explicit max_length counts the unpruned one."""
+        n, k = self.patches_per_image, self.keep_count(self.patches_per_image)
+        needed = self._images_needed(ids, mask)
+        if k >= n or self.handle.method.stage == "llm":  # the LM input keeps every position
+            return 0
+        short = self._rows(ids, mask, [torch.arange(k, device=ids.device)] * needed)
+        return max(row.full for row in short) - max(row.orig.shape[0] for row in short)
