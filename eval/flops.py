@@ -11,6 +11,8 @@ How it counts (the same rules for every method, so ratios are fair):
 - projector: two linear layers over the tokens it sees; LM head: the positions whose logits are kept.
 Lengths come from hooks on every layer during the measured run, so in-encoder (FlowCut) and in-LLM
 (FastV) pruning are counted at the lengths those layers really processed.
+open_clip image towers (``open_clip_vit_flops``): the same vision-layer rule per block, plus the patch
+embedding (a p x p convolution: 3·p²·d per patch) and the output projection (d·output_dim per image).
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ class LengthRecorder:
     Post-hooks see the arguments the layer really ran on (after every pre-hook, pruning ones included),
     whatever order the hooks were registered in."""
 
-    def __init__(self, vision_layers, decoder_layers, projector):
+    def __init__(self, vision_layers, decoder_layers=(), projector=None):
         self.vision, self.decoder, self.projector = [], [], []
         self._hooks = [layer.register_forward_hook(self._log(self.vision), with_kwargs=True)
                        for layer in vision_layers]
         self._hooks += [layer.register_forward_hook(self._log(self.decoder), with_kwargs=True)
                         for layer in decoder_layers]
-        self._hooks.append(projector.register_forward_hook(self._log(self.projector), with_kwargs=True))
+        if projector is not None:  # an image tower alone (open_clip) has none
+            self._hooks.append(projector.register_forward_hook(self._log(self.projector), with_kwargs=True))
 
     @staticmethod
     def _log(store):
@@ -128,3 +131,20 @@ def qwen2_5_vl_prefill_flops(config, rec: QwenLengthRecorder, logits_kept: int =
     head = 2 * batch * logits_kept * t.hidden_size * t.vocab_size
     return {"vision": vision, "projector": merger, "llm": decoder + head,
             "total": vision + merger + decoder + head}
+
+
+def open_clip_vit_flops(visual, rec: LengthRecorder, signal_macs: int = 0) -> dict:
+    """FLOPs of the open_clip ``VisionTransformer`` forwards a ``LengthRecorder`` over
+    ``visual.transformer.resblocks`` saw, per part; ``signal_macs``: what a patch spent on its signals
+    (``handle._patcher.signal_macs``), reported apart and included in the total."""
+    d = visual.transformer.width
+    mlp = visual.transformer.resblocks[0].mlp.c_fc.out_features
+    (gh, gw), (ph, pw) = visual.grid_size, visual.patch_size
+    # every forward logs each block once, in order: the first block's entries count the images
+    images = sum(b for b, _ in rec.vision[::len(visual.transformer.resblocks)])
+    embed = 2 * images * gh * gw * 3 * ph * pw * d
+    blocks = sum(2 * b * vision_layer_macs(n, d, mlp) for b, n in rec.vision)
+    head = 0 if visual.proj is None else 2 * images * visual.proj.shape[0] * visual.proj.shape[1]
+    signals = 2 * signal_macs
+    return {"embed": embed, "blocks": blocks, "head": head, "signals": signals,
+            "total": embed + blocks + head + signals}
