@@ -120,7 +120,7 @@ def ideal_call(model, inputs, k: int):
     layer = model.config.vision_feature_layer
 
     def run(**gen):
-        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=layer)  # keeps only that one
         feats = model.model.multi_modal_projector(tower.hidden_states[layer][:, 1 : k + 1])
         mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
         kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_encoder_outputs=mm)
@@ -206,7 +206,7 @@ def _next_features(model, inputs, kept_of_image):
     if getattr(kept_of_image, "eager", False):
         out = eager_maps(tower, views)
     else:
-        out = tower(views, output_hidden_states=True)
+        out = tower(views, output_hidden_states=layer)  # keeps only the feature layer, as the patcher asks
     hidden = out.hidden_states[layer][:, 1:]
     newline = model.model.image_newline
     packed, keep = [], ~image
