@@ -48,6 +48,7 @@ MAX_PIXELS = 25_000_000  # width x height; also stops decompression bombs (PIL r
 MAX_QUESTION = 500  # characters
 RATIO_MAX = 0.99  # the slider's top: keep at least 1 % of the tokens
 DEFAULT_METHODS = ("fastervlm", "uniform")
+NOISY = 1.5  # slowest / fastest timed pass of one setting above this: something else competed for the device
 PANEL_PX = 448  # the longer side of each drawn grid panel
 SAMPLES_DIR = "samples"  # under the package's assets: small synthetic scenes for the embedded model
 
@@ -159,6 +160,7 @@ class Run:
     lm_tokens: int | None = None  # positions the LM prefilled (prompt text + visual tokens)
     prefill_ms: float | None = None
     speedup: float | None = None
+    noisy: bool = False  # its timed passes differed by more than NOISY x
     error: str | None = None
     panels: list[Panel] = field(default_factory=list)
 
@@ -245,8 +247,10 @@ class Engine:
             with vlprune.pruned(self.model, method, **kw) as handle:
                 self._measure(run, inputs)
                 records = list(handle.last)
-                if not handle.active or not records:  # only possible when someone patches the model concurrently
+                if not handle.active:  # only when something patched this model meanwhile (no lock)
                     raise RuntimeError("the patch was replaced by another request during this run")
+            if not records:
+                raise RuntimeError(f"method {method!r} left no record of the image")
             rec = records[0]
             run.visual = (int(rec.before), int(rec.after))
             grid = inputs["image_grid_thw"][0].tolist() if self.is_qwen else None
@@ -273,6 +277,7 @@ class Engine:
             times.append(time.perf_counter() - t)
         run.lm_tokens = int(logits.shape[1])
         run.prefill_ms = 1000 * statistics.median(times)
+        run.noisy = max(times) > NOISY * min(times)
 
 
 def _default_device() -> str:
@@ -365,7 +370,7 @@ def render(comparison: Comparison, image: Image.Image):
             continue
         tokens = (n or "") if r.method is None else f"{r.visual[0]} → {r.visual[1]}"
         speed = "1.00×" if r.method is None else f"{r.speedup:.2f}×" if r.speedup else ""
-        rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}** | {tokens} | {r.lm_tokens} | {r.prefill_ms:.1f} | {speed} |")
+        rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}** | {tokens} | {r.lm_tokens} | {r.prefill_ms:.1f}{'*' if r.noisy else ''} | {speed} |")
     gallery = [(image, f"unpruned: {runs[0].answer or runs[0].error}")]
     for r in runs[1:]:
         if r.panels:
@@ -373,6 +378,8 @@ def render(comparison: Comparison, image: Image.Image):
             gallery.append((overlay(image, r.panels), f"{r.method}: {r.answer} ({r.visual[1]}/{r.visual[0]} tokens kept; {parts})"))
     note = (f"\n\nprefill: median of {comparison.repeats} forward pass(es) over the prompt on {comparison.device}, "
             f"after `generate` warmed the setting up; speed-up = unpruned / pruned prefill.")
+    if any(r.noisy for r in runs):
+        note += f" \\* noisy: its timed passes differed by more than {NOISY}x (another process competed for the device)."
     budget = ", ".join(f"{k}={v}" for k, v in comparison.budget.items())
     failed = [r.method or "unpruned" for r in runs if r.error]
     status = f"Done: {len(runs) - 1} method(s) at {budget}" + (f"; failed: {', '.join(failed)}" if failed else "") + \
@@ -383,7 +390,7 @@ def render(comparison: Comparison, image: Image.Image):
         "model_window": list(comparison.model_window),
         "runs": [{"method": r.method, "answer": r.answer, "error": r.error,
                   "visual_before": r.visual[0] if r.visual else n, "visual_after": r.visual[1] if r.visual else n,
-                  "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup,
+                  "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup, "noisy": r.noisy,
                   "kept": [list(p.kept) for p in r.panels], "grids": [list(p.grid) for p in r.panels]} for r in runs],
     }
     return status, TABLE_HEAD + "\n".join(rows) + note, gallery, details

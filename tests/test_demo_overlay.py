@@ -188,3 +188,32 @@ def test_question_methods_budget():
 def test_parser_defaults_to_loopback():
     args = demo.parser().parse_args([])
     assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, None)
+
+
+CHAT = ("<s> {% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
+
+
+def test_checkpoint_engine_qwen(tmp_path):
+    """``--model PATH``: a tiny Qwen2.5-VL checkpoint + processor (with a chat template) loaded through
+    AutoModelForImageTextToText/AutoProcessor; the prompt comes from the chat template, two methods run
+    and each overlay is on the merged grid of this image (84 x 140 px -> 3 x 5 merged tokens)."""
+    from test_qwen2_5_vl import WIDE, build_qwen, picture, processor
+
+    build_qwen(tmp_path)
+    proc = processor()
+    proc.chat_template = CHAT
+    proc.save_pretrained(tmp_path)
+    engine = demo.Engine.from_pretrained(str(tmp_path), device="cpu", dtype="float32", max_new_tokens=3, repeats=1)
+    assert engine.prompt("what is in the picture ?").startswith("<s> <|vision_start|> <|image_pad|>")
+    image = picture(WIDE, seed=3)
+    inputs = engine.inputs(image, "what is in the picture ?")
+    assert engine.visual_tokens(inputs) == 15
+    result = engine.compare(image, inputs, ["uniform", "fastervlm"], {"keep": 4})
+    base, *runs = result.runs
+    assert base.error is None and base.lm_tokens == inputs["input_ids"].shape[1]
+    for run in runs:
+        assert run.error is None and run.visual == (15, 4) and run.lm_tokens == base.lm_tokens - 11
+        assert [(p.grid, len(p.kept)) for p in run.panels] == [((3, 5), 4)]
+    status, table, gallery, _details = demo.render(result, image)
+    assert status.startswith("Done: 2 method(s) at keep=4") and len(gallery) == 3 and "15 → 4" in table
