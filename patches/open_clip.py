@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Context, Selection
-from vlprune.patcher import ImageRecord, Patcher
+from vlprune.methods.base import Selection
+from vlprune.patcher import Patcher
 from vlprune.registry import register_patcher
 
 from ._clip import KINDS, qk_signal, resolve_layer
@@ -203,10 +203,9 @@ class OpenClipViT(Patcher):
             self.requests = [s for layer in self.plan for s in method.encoder_signals(layer)]
         else:
             self.requests = method.signals()
-            read = [resolve_layer(s.layer, n, f"{s.kind} layer") for s in self.requests]
-            self.cut = max(read) + 1 if read else 0  # prune the input of this block (n: after the last)
-        for req in self.requests:
-            resolve_layer(req.layer, n, f"{req.kind} layer")
+        read = [resolve_layer(s.layer, n, f"{s.kind} layer") for s in self.requests]
+        # stage encoder/projector: prune the input of this block (n: the tower's output)
+        self.cut = max(read) + 1 if read else 0
         self._call = None  # per-call state while a pruned forward runs
         self.tokens = None  # (B, k, D) kept patch tokens of the last pruned call
         self.signal_macs = 0  # multiply-accumulates spent on signals in the last call
@@ -284,12 +283,12 @@ class OpenClipViT(Patcher):
         k = self.keep_count(n)
         stage = self.handle.method.stage
         chunks = x.split(1) if stage == "in_encoder" and k < n else [x]
-        outputs, tokens, indices = [], [], []
+        outputs, tokens, selections = [], [], []
         self.taps.macs = 0
         for chunk in chunks:
-            b = chunk.shape[0]
-            self._call = {"prune": k < n, "k": k, "tokens": None, "selection": None, "score": None,
-                          "orig": torch.arange(n, device=chunk.device).expand(b, -1)}
+            self._call = {"prune": k < n, "k": k, "tokens": None, "score": None,
+                          "orig": torch.arange(n, device=chunk.device).expand(chunk.shape[0], -1),
+                          "selection": None}
             try:
                 outputs.append(original(**{**kw, "x": chunk}))
                 call = self._call
@@ -297,21 +296,14 @@ class OpenClipViT(Patcher):
                 self._call = None
                 self.taps.take()
             tokens.append(call["tokens"])
-            if k >= n:  # the identity: nothing ran differently from the unpatched tower
-                indices.append(call["orig"])
-            elif stage == "in_encoder":
-                indices.append(call["orig"])
-            else:
-                indices.append(call["selection"].indices)
-        self.tokens = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
-        kept = torch.cat(indices) if len(indices) > 1 else indices[0]
-        after = min(k, n)
-        self.handle.last = [ImageRecord(row=i, before=n, after=after, kept=kept[i]) for i in range(kept.shape[0])]
-        if k < n and stage != "in_encoder":
-            sel = call["selection"]
-            for i, rec in enumerate(self.handle.last):
-                rec.scores = None if sel.scores is None else sel.scores[i]
-                rec.sources = None if sel.sources is None else sel.sources[i]
+            # the identity and FlowCut keep their survivors' original indices in "orig"
+            selections.append(call["selection"] or Selection(call["orig"]))
+        self.tokens = torch.cat(tokens)
+        if len(selections) == 1:
+            sel = selections[0]
+        else:  # FlowCut, one image at a time: indices only (its scores cover the survivors, not all N)
+            sel = Selection(torch.cat([s.indices for s in selections]))
+        self.handle.last = self.records(list(range(x.shape[0])), n, min(k, n), sel)
         self.signal_macs = self.taps.macs
         if len(outputs) == 1:
             return outputs[0]
