@@ -91,18 +91,21 @@ def support_table() -> str:
     """Model x method: ✔ as is, ≈ with a documented substitute, ✘ not served (the notes say why)."""
     classes = vlprune.supported_model_classes()
     lines = ["| method | " + " | ".join(f"`{c}`" for c in classes) + " |", "|---|" + "---|" * len(classes)]
-    notes = []
-    for name in vlprune.methods():
+    notes: dict[tuple[str, str], list[str]] = {}  # (method, verdict) -> classes; one patcher serving
+    for name in vlprune.methods():                 # several classes gives one note, not one per class
         cells = []
         for cname in classes:
             verdict = support(cname)[name]
             if verdict == "yes":
                 cells.append("✔")
                 continue
-            notes.append(f"{len(notes) + 1}. `{name}` on `{cname}`: {verdict}")
-            cells.append(("≈" if verdict.startswith("substitute") else "✘") + f" ({len(notes)})")
+            notes.setdefault((name, verdict), []).append(cname)
+            number = list(notes).index((name, verdict)) + 1
+            cells.append(("≈" if verdict.startswith("substitute") else "✘") + f" ({number})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ([""] + notes if notes else []))
+    text = [f"{i}. `{name}` on " + ", ".join(f"`{c}`" for c in cnames) + f": {verdict}"
+            for i, ((name, verdict), cnames) in enumerate(notes.items(), 1)]
+    return "\n".join(lines + ([""] + text if text else []))
 
 
 def render_tables() -> dict[str, str]:

@@ -73,6 +73,7 @@ class _Verdicts(dict):
 
 
 SUPPORT = _Verdicts({
+    "damro": "no: contrastive decoding needs a language model; an open_clip image tower has none",
     "divprune": _BLOCK_OUTPUTS,
     "fastv": _NO_LM,
     "holov": _BLOCK_OUTPUTS,
