@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from vlprune.registry import get_method
+from vlprune.registry import get_method, get_patcher
 
 log = logging.getLogger("vlprune.demo")
 
@@ -203,8 +203,9 @@ class Engine:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device or _default_device())
-        vlprune.registry.get_patcher(model)  # fail at start-up, with the supported classes, not per request
+        # device_map puts the weights straight on the device (a 7B model need not pass through CPU memory)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, device_map=device or _default_device())
+        get_patcher(model)  # fail at start-up, with the supported classes, not per request
         return cls(model, AutoProcessor.from_pretrained(path), name=path, **kw)
 
     def prompt(self, question: str) -> str:
@@ -469,7 +470,7 @@ def build_app(engine: Engine, concurrency: int = 4):
                 status = gr.Markdown("Upload an image, ask a question, press **Compare**.", elem_id="status")
                 table = gr.Markdown(elem_id="table")
                 gallery = gr.Gallery(label="Kept patches (bright) per method", elem_id="gallery", columns=3,
-                                     object_fit="contain")
+                                     object_fit="contain", height=300)
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(elem_id="details")
         run.click(lambda *a: handle_request(engine, *a), [image, question, methods, mode, ratio, keep],

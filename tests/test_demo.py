@@ -182,3 +182,33 @@ def test_the_lock_is_what_keeps_requests_apart(engine, serialize):
         hook.remove()
     assert "_vlprune" not in engine.model.__dict__  # every patch was removed, even the replaced ones
     assert (mixed == 0) if serialize else (mixed > 0)
+
+
+@pytest.mark.slow
+def test_cli_serves_on_loopback():
+    """``python -m vlprune.eval.demo`` (what the ``vlprune-demo`` script runs) starts, serves the page on
+    127.0.0.1 and answers ``/compare``; slow: a second process loads the model again."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from demo_server import free_port
+    from gradio_client import Client
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vlprune.eval.demo", "--port", str(port), "--repeats", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the demo did not come up"
+                time.sleep(1)
+        status = compare(Client(f"http://127.0.0.1:{port}/", verbose=False), *SAMPLES[0], ["fastervlm"])[0]
+        assert status.startswith("Done: 1 method(s)"), status
+    finally:
+        proc.terminate()
+        proc.wait(30)
