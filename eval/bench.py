@@ -52,7 +52,7 @@ from vlprune.registry import get_method
 
 from . import cpu_name
 from .geometries import (GEOMETRIES, IMAGE_TOKEN, build_llava15, eager_reference_call, embedded_unavailable,  # noqa: F401
-                         ideal_call, keep_count_ok, llava15_inputs)
+                         ideal_call, check_keeps, llava15_inputs)
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -177,14 +177,14 @@ def machine(device) -> str:
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def run(args, geo=None) -> list[dict]:
-    """Every row of one benchmark; ``args.notes`` collects what the Markdown states below the table."""
-    geo = geo or GEOMETRIES[args.geometry](args)
+def run(args) -> list[dict]:
+    """Every row of one benchmark of ``args.geo``; its ``notes`` collect what the Markdown states below the table."""
+    geo = args.geo
     model = geo.build()
     inputs = geo.inputs(model)
     n = geo.visual_tokens
     support = geo.support()
-    rows, notes = [], args.notes
+    rows, notes = [], geo.notes
 
     def add(method, k, stats):
         rows.append({"method": method, "keep": k, **stats})
@@ -216,7 +216,7 @@ def run(args, geo=None) -> list[dict]:
             budget = {"keep": k} if get_method(method).budgeted else {}
             if not budget and k != args.keeps[0]:
                 continue  # not budgeted: one run is enough
-            with vlprune.pruned(model, method, **budget, **geo.method_options(method)) as h:
+            with vlprune.pruned(model, method, **budget) as h:
                 stats = measure(model, plain, plain, args, geo)
                 stats["kept"] = h.last[0].after
             if budget and stats["kept"] != k:
@@ -234,19 +234,20 @@ def run(args, geo=None) -> list[dict]:
             r["eager_vs_this"] = eager[r["keep"]]["prefill_ms"] / r["prefill_ms"]
     lm = model.config.text_config
     for r in rows:
-        r.update(geometry=geo.name, visual_tokens=n, device=machine(args.device), dtype=args.dtype, batch=args.batch,
-                 attn=args.attn, lm_layers=lm.num_hidden_layers, lm_width=lm.hidden_size, torch=torch.__version__)
-    args.described = geo.describe(model)
-    args.flops_note = geo.flops_note
+        r.update(geometry=geo.name, resolution=geo.resolution, visual_tokens=n, device=machine(args.device),
+                 dtype=args.dtype, batch=args.batch, attn=args.attn, lm_layers=lm.num_hidden_layers,
+                 lm_width=lm.hidden_size, torch=torch.__version__)
+    geo.described = geo.describe(model)
     return rows
 
 
 def markdown(rows, args) -> str:
-    r0 = rows[0]
-    eager = any(r["method"] == "eager-reference" for r in rows)
-    head = (f"**{r0['geometry']}** - {args.described}. {args.geo.weights}; {args.dtype}, batch {args.batch}, "
-            f"attention `{args.attn}` (the patched model keeps it{'; the eager reference switches the tower to eager' if eager else ''}), "
-            f"{args.new_tokens} new tokens; on {r0['device']}, torch {r0['torch']}.\n\n")
+    r0, geo = rows[0], args.geo
+    eager = "; the eager reference switches the tower to eager" if any(r["method"] == "eager-reference" for r in rows) \
+        else ""
+    head = (f"**{r0['geometry']}** - {geo.described}. {geo.weights}; {args.dtype}, batch {args.batch}, attention "
+            f"`{args.attn}` (the patched model keeps it{eager}), {args.new_tokens} new tokens; on {r0['device']}, "
+            f"torch {r0['torch']}.\n\n")
     lines = ["| method | visual tokens | LM tokens | prefill ms | × unpruned | × ideal | eager ref ÷ this | "
              "decode ms/tok | generate ms | peak MB | TFLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -261,9 +262,9 @@ def markdown(rows, args) -> str:
                      f"{r['generate_ms']:.0f} | {r['peak_mem_mb']:.0f} | {r['tflops']:.3f} |")
     notes = [f"visual tokens: kept per image (budgets count visual tokens; LLaVA-NeXT's newlines are not counted "
              f"but are LM tokens); LM tokens: the prefill length at the first decoder layer (→ at the last, where "
-             f"an llm-stage method drops tokens inside the LM); FLOPs: {args.flops_note}",
+             f"an llm-stage method drops tokens inside the LM); FLOPs: {geo.flops_note}",
              "ideal: the vision side as unpruned, the LM fed the first k visual tokens, no scoring "
-             "(definitions per family in vlprune.eval.geometries)"] + args.notes
+             "(definitions per family in vlprune.eval.geometries)"] + geo.notes
     return head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -342,7 +343,6 @@ def _resolve(args) -> None:
     args.lm_width = args.lm_width or geo_cls.lm_width
     args.lm_layers = args.lm_layers or (geo_cls.lm_layers_7b if cuda else 4)
     args.repeats = args.repeats or (10 if cuda else 3)
-    args.notes = []
     args.geo = geo = geo_cls(args)  # validates --image-size; knows N before the model exists
     if not geo_cls.fixed_lm:
         from .geometries import lm_heads
@@ -362,7 +362,7 @@ def _resolve(args) -> None:
                                f"got {args.keeps!r}") from None
     for k in args.keeps:
         Budget(keep=k)
-    keep_count_ok(args.keeps, geo.visual_tokens, args.geometry)
+    check_keeps(args.keeps, geo.visual_tokens, args.geometry)
 
 
 def main(argv=None) -> int:
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"vlprune-bench --geometry {args.geometry} on {machine(args.device)}: methods {','.join(args.methods)}, "
           f"keeps {args.keeps}", flush=True)
-    rows = run(args, args.geo)
+    rows = run(args)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     with open(out / "bench.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

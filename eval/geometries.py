@@ -173,18 +173,22 @@ def build_llava_next(device, dtype, lm_layers: int, lm_width: int, attn: str, se
     return _build(LlavaNextForConditionalGeneration, cfg, device, dtype, attn, seed)
 
 
-def next_layout(config, size: tuple[int, int]):
-    """The AnyRes layout (views, unpadded grid, token counts) of an image of ``size`` (height, width)."""
+def next_layout(size: tuple[int, int], pinpoints, image_px: int = 336, patch: int = 14):
+    """The AnyRes layout (views, unpadded grid, token counts) of an image of ``size`` (height, width), by the
+    patcher's own function (which calls the model's)."""
     from vlprune.patches.llava_next_hf import anyres_layout
 
+    return anyres_layout(tuple(size), tuple(tuple(int(x) for x in p) for p in pinpoints), image_px, image_px // patch)
+
+
+def _model_layout(config, size):
     v = config.vision_config
-    pinpoints = tuple(tuple(int(x) for x in p) for p in config.image_grid_pinpoints)
-    return anyres_layout(tuple(size), pinpoints, v.image_size, v.image_size // v.patch_size)
+    return next_layout(size, config.image_grid_pinpoints, v.image_size, v.patch_size)
 
 
 def llava_next_inputs(model, batch: int, device, dtype, size: tuple[int, int]):
     """One image of ``size`` per prompt: ids with its placeholders (visual tokens + newlines), random views."""
-    layout = next_layout(model.config, size)
+    layout = _model_layout(model.config, size)
     ids = _text_ids(batch, device, [model.config.image_token_id] * layout.placeholders)
     px = model.config.vision_config.image_size
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -193,17 +197,17 @@ def llava_next_inputs(model, batch: int, device, dtype, size: tuple[int, int]):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": sizes}
 
 
-def _next_features(model, inputs, kept_of_image):
-    """Per image: the LM's packed features for the kept visual indices ``kept_of_image(image, feats, maps)``
-    chooses (projector on the kept tokens only, a newline after each high-res row that keeps one), and
-    the short ids. ``maps`` is None unless eager attention maps were asked for (``kept_of_image.eager``)."""
-    layout = next_layout(model.config, tuple(int(x) for x in inputs["image_sizes"][0]))
+def _next_features(model, inputs, choose, eager: bool):
+    """(short ids, packed features per image): the visual indices ``choose(layout, maps)`` keeps, projected
+    (the projector on those only), a newline after each high-res row that keeps one. ``maps``: the image's
+    views' attention maps per layer when ``eager`` (the tower then runs in eager attention), else None."""
+    layout = _model_layout(model.config, tuple(int(x) for x in inputs["image_sizes"][0]))
     layer = model.config.vision_feature_layer
     ids = inputs["input_ids"]
     image = ids == model.config.image_token_id
     views = inputs["pixel_values"][:, : layout.n_views].flatten(0, 1)
     tower = model.model.vision_tower
-    if getattr(kept_of_image, "eager", False):
+    if eager:
         out = eager_maps(tower, views)
     else:
         out = tower(views, output_hidden_states=layer)  # keeps only the feature layer, as the patcher asks
@@ -216,7 +220,7 @@ def _next_features(model, inputs, kept_of_image):
         visual = rows.new_empty(layout.visual, rows.shape[-1])
         for view in layout.views:  # the image's visual tokens in the order the LM receives them
             visual[view.visual.to(visual.device)] = rows[view.index][view.local.to(rows.device)]
-        kept = kept_of_image(layout, maps).to(visual.device)
+        kept = choose(layout, maps).to(visual.device)
         tokens = model.model.multi_modal_projector(visual[kept][None])[0]
         vis, nl = layout.kept_offsets(kept.cpu())
         order = torch.cat([vis, nl]).argsort().to(tokens.device)
@@ -227,9 +231,9 @@ def _next_features(model, inputs, kept_of_image):
     return short, BaseModelOutputWithPooling(pooler_output=packed)
 
 
-def _next_call(model, inputs, kept_of_image):
+def _next_call(model, inputs, choose, eager=False):
     def run(**gen):
-        short, feats = _next_features(model, inputs, kept_of_image)
+        short, feats = _next_features(model, inputs, choose, eager)
         kw = dict(input_ids=short, attention_mask=torch.ones_like(short), mm_encoder_outputs={"image": feats})
         if gen:
             return model.generate(**kw, **gen)
@@ -249,15 +253,14 @@ def next_eager_reference_call(model, inputs, k: int):
     ``fastervlm``'s)."""
     from vlprune.patches.llava_next_hf import split_budget
 
-    def kept_of_image(layout, maps):
+    def top_per_view(layout, maps):
         rows = maps[-2][:, :, 0, 1:].mean(1)  # (views, s*s)
         quotas = split_budget(k, [len(v.local) for v in layout.views])
         chosen = [v.visual[rows[v.index][v.local.to(rows.device)].topk(q).indices.cpu()]
                   for v, q in zip(layout.views, quotas) if q]
         return torch.cat(chosen).sort().values
 
-    kept_of_image.eager = True
-    return _next_call(model, inputs, kept_of_image)
+    return _next_call(model, inputs, top_per_view, eager=True)
 
 
 # -- Qwen2.5-VL ---------------------------------------------------------------------------------------
@@ -271,23 +274,22 @@ def build_qwen2_5_vl(device, dtype, lm_layers: int, lm_width: int, attn: str, se
     return _build(Qwen2_5_VLForConditionalGeneration, cfg, device, dtype, attn, seed)
 
 
-def qwen_grid(config, size: tuple[int, int]) -> tuple[int, int]:
-    """Patch grid (h, w) of an image of ``size`` pixels; sides must be whole 2x2 merge units."""
-    v = config.vision_config
-    unit = v.patch_size * v.spatial_merge_size
+def qwen_grid(size: tuple[int, int], patch: int = 14, merge: int = 2) -> tuple[int, int]:
+    """Patch grid (h, w) of an image of ``size`` pixels; sides must be whole merge units (the processor
+    would resize to them; here the size is taken as given)."""
+    unit = patch * merge
     if any(s <= 0 or s % unit for s in size):
         raise VlpruneError(f"--image-size for qwen2_5_vl needs sides that are positive multiples of {unit} px "
-                           f"({v.patch_size} px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}); got "
-                           f"{size[0]}x{size[1]}")
-    return size[0] // v.patch_size, size[1] // v.patch_size
+                           f"({patch} px patches merged {merge}x{merge}); got {size[0]}x{size[1]}")
+    return size[0] // patch, size[1] // patch
 
 
 def qwen2_5_vl_inputs(model, batch: int, device, dtype, size: tuple[int, int]):
     """One image of ``size`` per prompt, as the processor lays it out: <vision_start>, one placeholder per
     merged token, <vision_end>; flattened patches (random), ``image_grid_thw``, ``mm_token_type_ids``."""
     cfg = model.config
-    h, w = qwen_grid(cfg, size)
     v = cfg.vision_config
+    h, w = qwen_grid(size, v.patch_size, v.spatial_merge_size)
     merged = h * w // v.spatial_merge_size ** 2
     ids = _text_ids(batch, device, [cfg.vision_start_token_id] + [cfg.image_token_id] * merged + [cfg.vision_end_token_id])
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -356,9 +358,17 @@ class Geometry:
     flops_note = ""
     weights = "Random weights (shapes and timings are real, outputs are not)"
 
+    fixed_size = (336, 336)  # the image size where --image-size does not apply
+
     def __init__(self, args):
         self.args = args
-        self.size = self.image_sizes or None
+        self.size = _parse_size(args.image_size, self.image_sizes) if self.image_sizes else self.fixed_size
+        self.notes: list[str] = []  # stated below the Markdown table
+        self.described = ""  # describe(model), once built
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}"
 
     @property
     def visual_tokens(self) -> int:
@@ -386,9 +396,6 @@ class Geometry:
 
         return support(self.model_class)
 
-    def method_options(self, method: str) -> dict:
-        return {}
-
     def recorder(self, model):
         from vlprune.patches._clip import encoder_layers
 
@@ -408,7 +415,8 @@ class Geometry:
 
     def _lm(self, model) -> str:
         t = model.config.text_config
-        return f"LM {t.model_type} {t.hidden_size} wide, {t.num_hidden_layers} layers"
+        name = "Qwen2" if t.model_type.startswith("qwen") else "Llama"
+        return f"{name} LM {t.hidden_size} wide, {t.num_hidden_layers} layers"
 
 
 class Llava15(Geometry):
@@ -443,13 +451,7 @@ class LlavaNext(Geometry):
 
     def __init__(self, args):
         super().__init__(args)
-        self.size = _parse_size(args.image_size, self.image_sizes)
-        from types import SimpleNamespace
-
-        from transformers import CLIPVisionConfig
-
-        cfg = SimpleNamespace(vision_config=CLIPVisionConfig(**CLIP_L_336), image_grid_pinpoints=NEXT_7B_PINPOINTS)
-        self.layout = next_layout(cfg, self.size)
+        self.layout = next_layout(self.size, NEXT_7B_PINPOINTS, CLIP_L_336["image_size"], CLIP_L_336["patch_size"])
 
     @property
     def visual_tokens(self):
@@ -490,14 +492,7 @@ class Qwen25VL(Geometry):
 
     def __init__(self, args):
         super().__init__(args)
-        self.size = _parse_size(args.image_size, self.image_sizes)
-        from types import SimpleNamespace
-
-        from transformers import Qwen2_5_VLConfig
-
-        h, w = qwen_grid(SimpleNamespace(vision_config=Qwen2_5_VLConfig(vision_config=QWEN_7B_VISION).vision_config),
-                         self.size)
-        self.grid = (h, w)
+        self.grid = qwen_grid(self.size, QWEN_7B_VISION["patch_size"], QWEN_7B_VISION["spatial_merge_size"])
 
     @property
     def visual_tokens(self):
@@ -539,6 +534,7 @@ class Embedded(Geometry):
     name = "embedded"
     model_class = "LlavaForConditionalGeneration"
     fixed_lm = True
+    fixed_size = (224, 224)
     weights = "Trained weights (the shipped checkpoint)"
     flops_note = "vision: DINOv2-small layers on 257 tokens; projector and LM at the lengths they saw"
 
@@ -588,7 +584,8 @@ def embedded_unavailable() -> str | None:
     return None
 
 
-def keep_count_ok(keeps, n: int, geometry: str) -> None:
+def check_keeps(keeps, n: int, geometry: str) -> None:
+    """Budgets must prune: 1 <= k < N (k >= N would be the unpruned model again)."""
     bad = [k for k in keeps if not 1 <= k < n]
     if bad:
         raise VlpruneError(f"--keeps must lie in 1..{n - 1} for geometry {geometry!r} ({n} visual tokens per image); "
