@@ -46,7 +46,6 @@ from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 
 from ._clip import ClipTaps, encoder_layers
-from ._llm import LLMPruning
 from ._wrap import named_arguments, wrap_method
 from .llava_hf import LlavaHF
 

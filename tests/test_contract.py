@@ -1,13 +1,41 @@
-"""The promises every registered method keeps on every patcher (here: HF LLaVA-1.5)."""
+"""The promises every pruning method keeps on every patcher that declares it supported.
+
+The shared contract runs over every (family, method) pair: a family (tests/families.py) is a tiny model
+of one patcher's model class plus its inputs; the methods are those the patcher's ``SUPPORT`` table does
+not mark "no", whose stage the patcher serves (decoding methods, ``prunes = False``, have their own
+tests). Promises: per-image token counts and the LM sequence they give, kept indices unique and in
+raster order, ratio 0 / keep-all and ``remove()`` bit-identical (logits and generate), a batch of two
+left-padded prompts equals two single runs, generate with the KV cache equals generate without it, and
+the context manager restores on error. LLaVA-1.5-specific promises (labels, projected survivors,
+prompts with different image counts, generate's max_length) follow at the end, on the HF LLaVA only.
+"""
+import importlib
+
 import pytest
 import torch
 
+import families
 import vlprune
-from vlprune.registry import get_method
+from vlprune.budget import Budget
+from vlprune.registry import _PATCHERS, get_method
 from tiny import IMAGE_TOKEN, batch, pixels, prompt
 
 METHODS = sorted(vlprune.methods())
 N = 16  # patches per tiny image
+FAMILIES = {"llava_hf": families.LlavaHF, "llava_next_hf": families.LlavaNext, "qwen2_5_vl": families.Qwen,
+            "llava_original": families.LlavaOriginal}
+
+
+def supported(patcher_module: str) -> list[str]:
+    """The pruning methods a patcher declares: its SUPPORT verdict is not "no" and it serves their stage."""
+    module = importlib.import_module(f"vlprune.patches.{patcher_module}")
+    patcher = next(p for p in _PATCHERS.values() if p.__module__ == module.__name__)
+    table = getattr(module, "SUPPORT", {})
+    return [m for m in METHODS if getattr(get_method(m), "prunes", True) and get_method(m).stage in patcher.stages
+            and not table.get(m, "yes").startswith("no")]
+
+
+PAIRS = [pytest.param(fam, m, id=f"{fam}-{m}") for fam in FAMILIES for m in supported(FAMILIES[fam].patcher)]
 
 
 def run(model, ids, mask, pv, **kw):
@@ -48,7 +76,8 @@ def hook_state(model):
 
 def no_hooks_left(model, before):
     assert hook_state(model) == before
-    assert "forward" not in model.__dict__ and "generate" not in model.__dict__ and "_vlprune" not in model.__dict__
+    wrapped = ("forward", "generate", "prepare_inputs_labels_for_multimodal", "encode_images", "_vlprune")
+    assert not [name for name in wrapped if name in model.__dict__]
 
 
 def budget(method, **kw):
@@ -57,6 +86,8 @@ def budget(method, **kw):
 
 
 def expected_keep(method, k):
+    if not get_method(method).prunes:  # a decoding method (damro) with no ratio/keep: every token stays
+        return N
     return k if get_method(method).budgeted else 0
 
 
@@ -65,64 +96,163 @@ def lm_entry(handle):
     return handle._patcher.llm.k_layer if handle.method.stage == "llm" else None
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("given,k", [({"ratio": 0.75}, 4), ({"keep": 8}, 8)])
-def test_image_positions_reaching_lm_are_k_per_image(llava, method, given, k):
-    ids, mask = batch([prompt(n_images=2)])
-    with vlprune.pruned(llava, method, **budget(method, **given)) as h:
-        rec = LMInputs(llava, lm_entry(h))  # registered after the patch's own hooks: sees their result
+# -- one fixture per family (session-scoped: built and loaded once) --------------------------------
+@pytest.fixture(scope="session")
+def family_llava_hf(_shared_llava):
+    return families.LlavaHF(_shared_llava)
+
+
+@pytest.fixture(scope="session")
+def family_llava_next_hf(tmp_path_factory):
+    from test_llava_next_hf import build, load
+
+    return families.LlavaNext(load(build(tmp_path_factory.mktemp("contract-next"))))
+
+
+@pytest.fixture(scope="session")
+def family_qwen2_5_vl(tmp_path_factory):
+    from test_qwen2_5_vl import build_qwen, load
+
+    path = tmp_path_factory.mktemp("contract-qwen")
+    build_qwen(path)
+    return families.Qwen(load(path))
+
+
+@pytest.fixture(scope="session")
+def family_llava_original(tmp_path_factory):
+    pytest.importorskip("llava", reason="the original LLaVA code (llava-torch) is not installed")
+    import tiny_original
+
+    return families.LlavaOriginal(tiny_original.load(tiny_original.build(tmp_path_factory.mktemp("contract-orig"))))
+
+
+@pytest.fixture
+def fam(request):
+    """The family named by the test's parameter; a patch a test leaves behind fails it."""
+    family = request.getfixturevalue(f"family_{request.param}")
+    yield family
+    leftover = family.model.__dict__.get("_vlprune")
+    if leftover is not None:
+        leftover.remove()
+        pytest.fail("test left a patch installed")
+
+
+def references(fam):
+    """The unpatched logits and generated ids of ``fam.pair()``, computed once per family."""
+    if not hasattr(fam, "_refs"):
+        inp = fam.pair()
+        fam._refs = (fam.forward(inp).logits, fam.reference_generate(inp))
+    return fam._refs
+
+
+class Recorder:
+    """Records the sequence length reaching ``module`` (registered after the patch's hooks: sees their result)."""
+
+    def __init__(self, module):
+        self.lengths = []
+        self._h = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _m, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = x if x is not None else (args[0] if args else kwargs["hidden_states"])
+        self.lengths.append(x.shape[1])
+
+    def close(self):
+        self._h.remove()
+
+
+def patch_kw(fam, method, **given):
+    return {**budget(method, **given), **fam.options(method)}
+
+
+# -- the shared contract -----------------------------------------------------------------------------
+# ratio everywhere; keep (the same budget code, family-independent) on LLaVA-1.5 only, to save time
+COUNT_CASES = [pytest.param(*p.values, {"ratio": 0.75}, id=f"{p.id}-ratio") for p in PAIRS] + [
+    pytest.param(*p.values, {"keep": 8}, id=f"{p.id}-keep") for p in PAIRS if p.values[0] == "llava_hf"]
+
+
+@pytest.mark.parametrize("fam,method,given", COUNT_CASES, indirect=["fam"])
+def test_token_counts_and_raster_order(fam, method, given):
+    """One prompt, two images: each keeps the budget's k of its N; the LM (or, for methods inside the LM,
+    decoder layer K) gets exactly the positions the images did not lose; kept indices ascend, unique."""
+    inp = fam.double()
+    with vlprune.pruned(fam.model, method, **patch_kw(fam, method, **given)) as h:
+        llm = h.method.stage == "llm"
+        rec = Recorder(fam.layers()[h._patcher.llm.k_layer] if llm else fam.lm())
         try:
-            run(llava, ids, mask, pixels(2))
+            fam.forward(inp)
         finally:
             rec.close()
-        k = expected_keep(method, k)
-        assert [(r.before, r.after, r.row) for r in h.last] == [(N, k, 0), (N, k, 0)]
-    assert rec.calls[0]["embeds"].shape[1] == ids.shape[1] - 2 * (N - k)
+    assert len(h.last) == 2 and [r.row for r in h.last] == [0, 0]
+    budgeted = get_method(method).budgeted
+    for r in h.last:
+        assert r.after == (Budget(**given).tokens_for(r.before) if budgeted else 0)
+        kept = r.kept.tolist()
+        assert len(kept) == r.after and kept == sorted(set(kept)) and all(0 <= i < r.before for i in kept)
+        if r.sources is not None:  # merges name their sources; the token an output stands for is among them
+            assert r.sources.shape == (r.after, r.before) and bool((r.sources >= 0).all())
+            assert bool((r.sources[torch.arange(r.after), r.kept] > 0).all())
+    assert rec.lengths[0] == fam.lm_length(inp) - sum(fam.dropped(r) for r in h.last)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_kept_indices_unique_sorted_in_range(llava, method):
-    ids, mask = batch([prompt(), prompt(text_before=(1, 3))])
-    with vlprune.pruned(llava, method, **budget(method, keep=5)) as h:
-        run(llava, ids, mask, pixels(2))
-        for r in h.last:
-            kept = r.kept.tolist()
-            assert len(kept) == expected_keep(method, 5) and kept == sorted(set(kept))
-            assert all(0 <= i < N for i in kept)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_ratio_zero_is_bit_identical(llava, method):
-    if not get_method(method).budgeted:
-        pytest.skip("not budgeted: it has no ratio 0 (its identity is handle.disabled(), tested elsewhere)")
-    ids, mask = batch([prompt()])
-    pv = pixels(1)
-    ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
-    with vlprune.pruned(llava, method, ratio=0.0) as h:
-        assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
-        assert torch.equal(gen(llava, ids, mask, pv), ref_ids)
-        assert h.last[0].after == N
-    with vlprune.pruned(llava, method, keep=N):
-        assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_remove_restores_bit_identical(llava, method):
-    ids, mask = batch([prompt()])
-    pv = pixels(1)
-    ref_logits, ref_ids = run(llava, ids, mask, pv).logits, gen(llava, ids, mask, pv)
-    before = hook_state(llava)
-    h = vlprune.patch(llava, method, **budget(method, ratio=0.5))
-    pruned_ids = gen(llava, ids, mask, pv)
-    assert pruned_ids.shape[1] == ref_ids.shape[1]
+@pytest.mark.parametrize("fam,method", PAIRS, indirect=["fam"])
+def test_ratio_zero_and_remove_are_bit_identical(fam, method):
+    ref_logits, ref_ids = references(fam)
+    inp = fam.pair()
+    before, class_forward = hook_state(fam.model), type(fam.model).forward
+    if get_method(method).budgeted:
+        with vlprune.pruned(fam.model, method, **patch_kw(fam, method, ratio=0.0)) as h:
+            assert torch.equal(fam.forward(inp).logits, ref_logits)
+            assert torch.equal(fam.generate(inp), ref_ids)
+            assert all(r.after == r.before for r in h.last) and len(h.last) == 2
+        with vlprune.pruned(fam.model, method, **patch_kw(fam, method, keep=10**6)):
+            assert torch.equal(fam.forward(inp).logits, ref_logits)
+    h = vlprune.patch(fam.model, method, **patch_kw(fam, method, ratio=0.5))
+    assert fam.generate(inp).shape[0] == 2
     h.remove()
     h.remove()  # harmless
-    assert torch.equal(run(llava, ids, mask, pv).logits, ref_logits)
-    assert torch.equal(gen(llava, ids, mask, pv), ref_ids)
-    no_hooks_left(llava, before)
+    assert torch.equal(fam.forward(inp).logits, ref_logits)
+    assert torch.equal(fam.reference_generate(inp), ref_ids)
+    no_hooks_left(fam.model, before)
+    assert type(fam.model).forward is class_forward  # nothing at class level
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fam,method", PAIRS, indirect=["fam"])
+def test_batch_equals_single_runs_and_cache_equals_no_cache(fam, method):
+    """Two prompts of different lengths, left-padded into one batch: the same new ids as one at a time,
+    with and without the KV cache, and the same records."""
+    with vlprune.pruned(fam.model, method, **patch_kw(fam, method, ratio=0.5)) as h:
+        singles, counts = [], []
+        for i in range(2):
+            singles.append(fam.generate(fam.single(i)))
+            counts += [(r.before, r.after, r.kept.tolist()) for r in h.last]
+        inp = fam.pair()
+        both = fam.generate(inp)
+        assert [(r.before, r.after, r.kept.tolist()) for r in h.last] == counts
+        assert [r.row for r in h.last] == [0, 1]
+        assert torch.equal(fam.generate(inp, use_cache=False), both)
+    for i, single in enumerate(singles):
+        assert torch.equal(both[i, : single.shape[1]], single[0]), i
+
+
+@pytest.mark.parametrize("fam,method", PAIRS, indirect=["fam"])
+def test_context_manager_restores_on_exception(fam, method):
+    ref_logits, _ = references(fam)
+    inp = fam.pair()
+    before = hook_state(fam.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vlprune.pruned(fam.model, method, **patch_kw(fam, method, ratio=0.5)):
+            fam.forward(inp)
+            raise RuntimeError("boom")
+    no_hooks_left(fam.model, before)
+    assert torch.equal(fam.forward(inp).logits, ref_logits)
+
+
+# -- LLaVA-1.5 (HF) only -----------------------------------------------------------------------------
+LLAVA_METHODS = supported("llava_hf")
+
+
+@pytest.mark.parametrize("method", LLAVA_METHODS)
 def test_generate_keeps_output_contract(llava, method):
     ids, mask = batch([prompt()])
     with vlprune.pruned(llava, method, **budget(method, ratio=0.75)):
@@ -134,20 +264,7 @@ def test_generate_keeps_output_contract(llava, method):
         assert gen(llava, ids, mask, pixels(1), max_new_tokens=None, max_length=ids.shape[1] + 3).shape[1] == ids.shape[1] + 3
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_batch_with_left_padding_equals_single_runs(llava, method):
-    prompts = [prompt(text_before=(1, 7, 8, 9, 10, 11)), prompt(text_before=(1,))]
-    pv = pixels(2)
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
-        singles = [gen(llava, *batch([p]), pv[i : i + 1]) for i, p in enumerate(prompts)]
-        ids, mask = batch(prompts)
-        both = gen(llava, ids, mask, pv)
-    for i, single in enumerate(singles):
-        assert torch.equal(both[i, -6:], single[0, -6:])
-        assert torch.equal(both[i, : ids.shape[1]], ids[i])
-
-
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LLAVA_METHODS)
 def test_batch_with_different_image_counts_repads(llava, method):
     prompts = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=(1, 8, 9))]
     pv = pixels(3)
@@ -164,27 +281,9 @@ def test_batch_with_different_image_counts_repads(llava, method):
         assert torch.equal(both[i, -6:], single[0, -6:])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_generate_with_cache_equals_without(llava, method):
-    ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
-        assert torch.equal(gen(llava, ids, mask, pixels(2), use_cache=True), gen(llava, ids, mask, pixels(2), use_cache=False))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_context_manager_restores_on_exception(llava, method):
-    ids, mask = batch([prompt()])
-    ref = run(llava, ids, mask, pixels(1)).logits
-    before = hook_state(llava)
-    with pytest.raises(RuntimeError, match="boom"):
-        with vlprune.pruned(llava, method, **budget(method, ratio=0.5)):
-            run(llava, ids, mask, pixels(1))
-            raise RuntimeError("boom")
-    no_hooks_left(llava, before)
-    assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
-
-
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LLAVA_METHODS)
 def test_survivors_are_the_projected_selection(llava, method):
     """The LM receives projector(selected features) - for merges projector(sources @ features) - text untouched."""
     ids, mask = batch([prompt()])
@@ -222,7 +321,7 @@ def test_survivors_are_the_projected_selection(llava, method):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LLAVA_METHODS)
 def test_forward_with_labels_shortens_labels(llava, method):
     ids, mask = batch([prompt()])
     labels = ids.clone()
@@ -237,17 +336,3 @@ def test_forward_with_labels_shortens_labels(llava, method):
     logits = out.logits.float()
     want = torch.nn.functional.cross_entropy(logits[0, :-1], short[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_merge_records_name_their_sources(llava, method):
-    """Merging methods say which source tokens each output merged; the token an output stands for is among them."""
-    ids, mask = batch([prompt(), prompt(text_before=(1, 4))])
-    with vlprune.pruned(llava, method, **budget(method, keep=5)) as h:
-        run(llava, ids, mask, pixels(2))
-    for rec in h.last:
-        if rec.sources is None:
-            continue
-        assert rec.sources.shape == (rec.after, rec.before)
-        assert bool((rec.sources >= 0).all()) and bool((rec.sources.sum(1) > 0).all())
-        assert bool((rec.sources[torch.arange(rec.after), rec.kept] > 0).all())

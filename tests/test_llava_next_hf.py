@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from test_contract import LMInputs, budget, hook_state, no_hooks_left
+from test_contract import LMInputs, budget
 from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB
 from vlprune.patches.llava_next_hf import SUPPORT, anyres_layout, split_budget
 from vlprune.registry import get_method
@@ -43,9 +43,13 @@ def load(path, **kwargs):
 
 @pytest.fixture(scope="module")
 def next_path(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+def build(path):
+    """Save the tiny random LlavaNext under ``path`` (also the contract suite's NeXT family)."""
     from transformers import LlavaNextForConditionalGeneration
 
-    path = tmp_path_factory.mktemp("tiny-llava-next")
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration._from_config(next_config(), attn_implementation="sdpa")
     with torch.no_grad():  # sharpen the random attention so rankings are not ties
@@ -236,27 +240,7 @@ def test_lm_receives_the_budgeted_sequence_with_row_newlines(nxt, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_ratio_zero_and_remove_are_bit_identical(nxt, method):
-    inp = inputs(["wide", "big"])
-    ref_logits, ref_ids = run(nxt, inp).logits, gen(nxt, inp)
-    before = hook_state(nxt)
-    if get_method(method).budgeted:
-        for kw in ({"ratio": 0.0}, {"keep": 64}):
-            with vlprune.pruned(nxt, method, **kw) as h:
-                assert torch.equal(run(nxt, inp).logits, ref_logits)
-                assert torch.equal(gen(nxt, inp), ref_ids)
-                assert [(r.before, r.after, r.newlines) for r in h.last] == [(32, 32, 2), (64, 64, 6)]
-    h = vlprune.patch(nxt, method, **budget(method, ratio=0.5))
-    assert gen(nxt, inp).shape == ref_ids.shape
-    h.remove()
-    h.remove()
-    assert torch.equal(run(nxt, inp).logits, ref_logits)
-    assert torch.equal(gen(nxt, inp), ref_ids)
-    no_hooks_left(nxt, before)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_generate_keeps_the_prompt_ids_contract_with_and_without_cache(nxt, method):
+def test_generate_keeps_the_prompt_ids_contract(nxt, method):
     inp = inputs(["tall", "square"])
     ids = inp["input_ids"]
     with vlprune.pruned(nxt, method, **budget(method, ratio=0.75)):
@@ -264,11 +248,10 @@ def test_generate_keeps_the_prompt_ids_contract_with_and_without_cache(nxt, meth
         assert out.shape == (2, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
         assert torch.equal(gen(nxt, inp, max_new_tokens=4, return_dict_in_generate=True).sequences, out)
         assert gen(nxt, inp, max_new_tokens=None, max_length=ids.shape[1] + 3).shape[1] == ids.shape[1] + 3
-        assert torch.equal(gen(nxt, inp, max_new_tokens=4, use_cache=False), out)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("pair", [("wide", "big"), (("square", "wide"), "tall")])
+@pytest.mark.parametrize("pair", [(("square", "wide"), "tall")])  # ("wide", "big"): test_contract.py
 def test_batch_of_different_aspect_ratios_equals_single_runs(nxt, method, pair):
     texts = ["w1 w7 w8 w9 " + " w5 ".join("<image>" for _ in (p if isinstance(p, tuple) else (p,))) + " w3"
              for p in pair]
