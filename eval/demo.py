@@ -474,7 +474,8 @@ def build_app(engine: Engine, concurrency: int = 4):
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(elem_id="details")
         run.click(lambda *a: handle_request(engine, *a), [image, question, methods, mode, ratio, keep],
-                  [status, table, gallery, details], api_name="compare", concurrency_limit=concurrency)
+                  [status, table, gallery, details], api_name="compare", concurrency_limit=concurrency,
+                  show_progress="minimal")  # a small timer: a full-page animation costs CPU the timings share
     return app
 
 
