@@ -189,7 +189,7 @@ class Engine:
         self.is_qwen = "qwen" in type(model).__name__.lower()
 
     @classmethod
-    def embedded(cls, device: str | None = None, **kw) -> "Engine":
+    def embedded(cls, device: str | None = None, **kw) -> Engine:
         """The offline default: the embedded model with its own prompt format (no chat template)."""
         model, processor = vlprune.load_embedded()
         model = model.to(device or _default_device())
@@ -197,7 +197,7 @@ class Engine:
         return cls(model, processor, chat_template=False, name="embedded (DINOv2-small LLaVA, synthetic scenes)", **kw)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, dtype: str = "auto", **kw) -> "Engine":
+    def from_pretrained(cls, path: str, device: str | None = None, dtype: str = "auto", **kw) -> Engine:
         """A Hugging Face checkpoint (path or hub id) of a family vlprune patches: LLaVA-1.5, LLaVA-NeXT,
         Qwen2.5-VL. Prompts go through the processor's chat template."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -258,7 +258,7 @@ class Engine:
             run.panels = panels_for(rec, image.size, getattr(self.processor, "image_processor", None), grid)
         except vlprune.VlpruneError as e:
             run.error = str(e)
-        except Exception as e:  # noqa: BLE001 - one failing method must not take the others' answers down
+        except Exception as e:  # one failing method must not take the others' answers down
             log.exception("method %s failed", method)
             run.error = f"internal error ({type(e).__name__}): {e}"
         return run
@@ -409,7 +409,7 @@ def handle_request(engine: Engine, image_path, question, methods, mode, ratio, k
         return render(engine.compare(image, inputs, methods, budget), image)
     except DemoInputError as e:
         return f"**Error:** {e}", "", [], {"error": str(e)}
-    except Exception as e:  # noqa: BLE001 - the page gets one line; the server log gets the traceback
+    except Exception as e:  # the page gets one line; the server log gets the traceback
         log.exception("request failed")
         return f"**Internal error** ({type(e).__name__}): {e}. See the server log.", "", [], {"error": str(e)}
 
