@@ -429,19 +429,15 @@ def sample_examples() -> list[list[str]]:
 
 
 def _image_component(**kw):
-    """A ``gr.Image`` whose server side passes the upload's path through without opening it: stock
-    ``gr.Image`` decodes uploads before the handler runs, so a broken file would surface as Gradio's
-    generic error instead of :func:`load_image`'s message. ``is_template`` makes the page use the stock
-    image widget (Gradio's documented way for subclasses)."""
+    """A ``gr.Image`` whose server side passes the upload's path through without opening it: the stock
+    preprocess decodes the upload before the handler runs, so a broken file would surface as Gradio's
+    generic error instead of :func:`load_image`'s message. Overridden on the instance, not by a subclass:
+    Gradio writes a ``.pyi`` file next to the module of every Component subclass."""
     import gradio as gr
 
-    class CheckedImage(gr.Image):
-        is_template = True
-
-        def preprocess(self, payload):
-            return None if payload is None else payload.path
-
-    return CheckedImage(type="filepath", **kw)
+    image = gr.Image(type="filepath", **kw)
+    image.preprocess = lambda payload: None if payload is None else payload.path
+    return image
 
 
 def build_app(engine: Engine, concurrency: int = 4):
