@@ -17,10 +17,16 @@ embedded geometry loads the shipped model as is), its inputs, and knows for its 
   the timed call; the patcher does its own inside, which counts against the methods.
 - **eager reference**: what the reference repos do to read the [CLS] row: the tower switched to eager
   attention with ``output_attentions=True`` (every layer's full maps), the head-mean [CLS] row of layer
-  -2, top-k. LLaVA-NeXT: per view, with the patcher's budget split over views and its newline packing,
-  so the LM side equals ``fastervlm``'s. Qwen2.5-VL has no [CLS] token: no eager reference.
-- which methods its patcher serves (the patcher's ``SUPPORT`` table), how its FLOPs are counted
-  (``vlprune.eval.flops``) and the default budgets.
+  -2, top-k (the embedded model: DINOv2's [CLS]). LLaVA-NeXT: per view, with the patcher's budget split
+  over views and its newline packing, so the LM side equals ``fastervlm``'s. Qwen2.5-VL has no [CLS]
+  token: no eager reference (the output says so).
+- which methods its patcher serves (the patcher's ``SUPPORT`` table: substitutes are stated below the
+  table, methods it refuses are skipped with the reason), how its FLOPs are counted
+  (``vlprune.eval.flops``), and the default budgets: LLaVA-1.5's 192/128/64 of 576 as fractions
+  (1/3, 2/9, 1/9) of the image's tokens, LLaVA-NeXT the papers' 640/320/160 of 2,880 (2/9, 1/9, 1/18).
+
+Random-weight LMs have the 7B's proportions at any width (``--lm-width``): head dim 128 (64 below 128
+wide), Vicuna's MLP 11008/4096, Qwen2's 18944/3584 and 7 query heads per key/value head.
 """
 from __future__ import annotations
 
