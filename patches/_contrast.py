@@ -22,6 +22,13 @@ When generate returns, C is cut back to its B full rows: a cache it returns is t
 
 Needs the default dynamic KV cache (``DynamicCache`` of ``DynamicLayer``); others are rejected with a
 clear error. One sequence per prompt: ``num_beams`` and ``num_return_sequences`` must be 1.
+
+What a family provides: the prompt as ids (HF LLaVA, NeXT: the outlier rows are the caller's ids with
+each image's placeholders cut to its outliers) or as embeddings (the original LLaVA code splices
+images into ``inputs_embeds`` inside its own ``generate``, so its outlier rows are spliced the same
+way; see ``OutlierPrompt.inputs_embeds``), the name its ``forward`` gives the cache (``cache_key``),
+and the [CLS] rows (:class:`ContrastTaps`) from which :func:`choose_outliers` picks each image's
+outliers among the tokens the LM sees.
 """
 from __future__ import annotations
 
@@ -32,24 +39,64 @@ import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
 
-#: forward arguments that belong to one prompt and are replaced for the outlier rows
-PROMPT_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "pixel_values",
-               "image_sizes", "mm_encoder_outputs", "labels")
+from ._clip import ClipTaps
+
+#: forward arguments that belong to one prompt and are replaced for the outlier rows (``past_key_values``
+#: and ``images``: the original LLaVA code's names for the cache and the pixels)
+PROMPT_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values",
+               "pixel_values", "images", "image_sizes", "mm_encoder_outputs", "labels")
+
+
+class ContrastTaps:
+    """The decoder's own [CLS] taps on a CLIP-style tower (``patches/_clip.py``), live only inside
+    :meth:`capture`: a pruning method's taps may read another layer, or none at all (no ``prune=``)."""
+
+    def __init__(self, layers, decoder, ledger):
+        self.signal = decoder.signals()[0]
+        self._live = False
+        self.taps = ClipTaps(layers, [self.signal], ledger, lambda: self._live)
+
+    def capture(self, encode):
+        """Run ``encode()`` (a tower pass) with the taps live: (its result, the head-mean [CLS] rows (views, N))."""
+        self._live = True
+        try:
+            out = encode()
+        finally:
+            self._live = False
+            signals = self.taps.take()
+        return out, signals[self.signal].mean(dim=1)
+
+
+def choose_outliers(decoder, records, scores) -> list[torch.Tensor]:
+    """Each image's outliers, picked by ``decoder.choose`` from its [CLS] scores (N,) among the tokens the
+    LM sees (``kept`` of its record when the call was pruned, else all N) and recorded as ``outliers``.
+    ``records`` and ``scores`` go image by image, in the same order."""
+    chosen = []
+    for rec, row in zip(records, scores):
+        rec.outliers = decoder.choose(row, rec.kept.to(row.device) if rec.after < rec.before else None)
+        chosen.append(rec.outliers)
+    return chosen
 
 
 @dataclass
 class OutlierPrompt:
-    """The outlier-only prompt of a batch: (B, L2) ids, mask and position ids, plus the forward arguments
-    that carry its images (``extra``, e.g. ``{"mm_encoder_outputs": ...}``), passed at prefill only."""
+    """The outlier-only prompt of a batch: (B, L2) ids - or, for a family that splices its images into
+    embeddings itself, ``inputs_embeds`` (B, L2, D) with ``input_ids`` None - mask and position ids, plus
+    the forward arguments that carry its images (``extra``, e.g. ``{"mm_encoder_outputs": ...}``),
+    passed at prefill only."""
 
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    inputs_embeds: torch.Tensor | None = None
 
     def __post_init__(self):
+        if (self.input_ids is None) == (self.inputs_embeds is None):
+            raise ValueError("an OutlierPrompt holds exactly one of input_ids and inputs_embeds")
         if self.attention_mask is None:
-            self.attention_mask = torch.ones_like(self.input_ids)
+            rows = self.input_ids if self.input_ids is not None else self.inputs_embeds[..., 0]
+            self.attention_mask = torch.ones(rows.shape, dtype=torch.long, device=rows.device)
         if self.position_ids is None:  # as generate derives them: count the real tokens
             mask = self.attention_mask.long()
             self.position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -57,15 +104,30 @@ class OutlierPrompt:
 
 
 class ContrastSession:
-    """One ``generate()`` call under a decoding method (``decoder.combine(full, outlier)``)."""
+    """One ``generate()`` call under a decoding method (``decoder.combine(full, outlier)``).
 
-    def __init__(self, decoder, prompt: OutlierPrompt):
+    ``prompt`` is the :class:`OutlierPrompt`, or a function returning it, called at the first forward
+    call (the original LLaVA code prunes inside its own ``generate``, so which tokens the LM sees - and
+    so which may be outliers - is known only then). ``cache_key`` names the cache argument of the
+    ``forward`` the session receives."""
+
+    def __init__(self, decoder, prompt, cache_key: str = "cache"):
         self.decoder = decoder
-        self.prompt = prompt
-        self.rows = prompt.input_ids.shape[0]
+        self._prompt = prompt
+        self.cache_key = cache_key
         self.full_len = None  # length of the full prompt, seen at the first call
         self.cache = None  # generate's cache once the outlier rows have joined it
         self.pad = 0  # left padding of the outlier rows in the joined cache
+
+    @property
+    def prompt(self) -> OutlierPrompt:
+        if not isinstance(self._prompt, OutlierPrompt):
+            self._prompt = self._prompt()
+        return self._prompt
+
+    @property
+    def rows(self) -> int:
+        return self.prompt.attention_mask.shape[0]
 
     def around(self, patcher, generate):
         """``generate`` with this session active on ``patcher`` (its forward wrapper reads ``patcher._session``)."""
@@ -82,18 +144,19 @@ class ContrastSession:
     # -- one forward call of generate -------------------------------------------------------------
     def forward(self, original, kw: dict):
         ids = kw.get("input_ids")
-        if ids is None:
+        tokens = ids if ids is not None else kw.get("inputs_embeds")
+        if tokens is None or (ids is None and self.full_len is not None):
             raise VlpruneError(f"method={self.decoder.name!r} generates from input_ids (inputs_embeds alone is not supported)")
-        if ids.shape[0] != self.rows:
+        if tokens.shape[0] != self.rows:
             raise VlpruneError(
                 f"method={self.decoder.name!r} generates one sequence per prompt: num_beams=1 and "
-                f"num_return_sequences=1 (got {ids.shape[0]} rows for {self.rows} prompts)")
-        cache = kw.get("cache")
+                f"num_return_sequences=1 (got {tokens.shape[0]} rows for {self.rows} prompts)")
+        cache = kw.get(self.cache_key)
         if self.full_len is None:
             if cache is not None and cache.get_seq_length() > 0:
                 raise VlpruneError(f"method={self.decoder.name!r} cannot continue from a filled cache; start generate() "
                                    "from the whole prompt")
-            self.full_len = ids.shape[1]
+            self.full_len = tokens.shape[1]
         if self.cache is None:  # prefill (or, without a cache, every step): the two prompts apart
             out = original(**kw)
             other = original(**self._outlier_call(kw, ids))
@@ -109,17 +172,26 @@ class ContrastSession:
     def _outlier_call(self, kw, ids):
         """The outlier prompt, followed by the tokens generated so far (none at prefill)."""
         p = self.prompt
-        new = ids[:, self.full_len:]
+        mask = p.attention_mask
+        new = ids[:, self.full_len:] if ids is not None else mask[:, :0]
         t = new.shape[1]
-        mask = kw.get("attention_mask")
-        new_mask = mask[:, self.full_len:] if mask is not None else torch.ones_like(new)
+        full_mask = kw.get("attention_mask")
+        new_mask = full_mask[:, self.full_len:] if full_mask is not None else torch.ones_like(new)
         steps = torch.arange(t, device=new.device)
         call = {k: v for k, v in kw.items() if k not in PROMPT_KEYS}
         call.update(p.extra)
-        call.update(input_ids=torch.cat([p.input_ids, new], 1),
-                    attention_mask=torch.cat([p.attention_mask, new_mask.to(p.attention_mask.dtype)], 1),
+        if p.inputs_embeds is not None:
+            if t:  # generate() itself keeps a cache whenever it starts from embeddings
+                raise VlpruneError(f"method={self.decoder.name!r} on a model that generates from embeddings needs "
+                                   "the KV cache (use_cache=True)")
+            call["inputs_embeds"] = p.inputs_embeds
+        else:
+            call["input_ids"] = torch.cat([p.input_ids, new], 1)
+        call.update(attention_mask=torch.cat([mask, new_mask.to(mask.dtype)], 1),
                     position_ids=torch.cat([p.position_ids, p.next_position + steps], 1),
-                    use_cache=kw.get("cache") is not None, logits_to_keep=1)
+                    use_cache=kw.get(self.cache_key) is not None)
+        if "logits_to_keep" in kw:  # a forward that knows it: the outlier rows need their last position only
+            call["logits_to_keep"] = 1
         return call
 
     def _join(self, cache, other):
@@ -155,7 +227,7 @@ class ContrastSession:
         other_mask = torch.cat([mask.new_zeros(b, self.pad), p.attention_mask.to(mask.dtype), mask[:, self.full_len:]], 1)
         call = {k: v for k, v in kw.items() if k not in PROMPT_KEYS}
         call.update(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, other_mask]),
-                    position_ids=torch.cat([pos, p.next_position + steps]), cache=self.cache)
+                    position_ids=torch.cat([pos, p.next_position + steps]), **{self.cache_key: self.cache})
         return call
 
     def close(self):

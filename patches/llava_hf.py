@@ -27,7 +27,7 @@ from vlprune.select import grid_shape
 from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
 
 from ._clip import ClipTaps, encoder_layers
-from ._contrast import ContrastSession, OutlierPrompt
+from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._llm import LLMPruning
 from ._wrap import wrap_method
 
@@ -56,8 +56,7 @@ class LlavaHF(Patcher):
         self._session = None  # the ContrastSession of a running generate() (damro)
         decoder = self.handle.decoder
         if decoder is not None and decoder.active:  # its own [CLS] taps, live only in its own tower pass
-            self._contrast_busy = False
-            self.contrast_taps = ClipTaps(self.layers, decoder.signals(), self.ledger, lambda: self._contrast_busy)
+            self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
         if method.stage == "llm":  # the vision side runs unchanged; see patches/_llm.py
             self.llm = self.llm_pruning(self, self.inner.language_model.layers, method)
             wrap_method(self, model, "forward", self._forward)
@@ -348,30 +347,30 @@ class LlavaHF(Patcher):
         return ContrastSession(decoder, prompt).around(self, original), kw, dropped
 
     def _outlier_scores(self, kw):
-        """One tower pass with the decoder's taps: (head-mean [CLS] rows (images, N), projected features)."""
+        """One tower pass with the decoder's taps: (each image's head-mean [CLS] row over its N visual
+        tokens, the projected features as ``get_image_features`` returns them)."""
         layer, strategy = self._feature_args(kw)
-        self._contrast_busy = True
-        try:
-            feats = self.inner.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=layer,
-                                                  vision_feature_select_strategy=strategy, return_dict=True)
-        finally:
-            self._contrast_busy = False
-            signals = self.contrast_taps.take()
-        return signals[self.handle.decoder.signals()[0]].mean(dim=1), feats
+        feats, scores = self.contrast_taps.capture(lambda: self.inner.get_image_features(
+            pixel_values=kw["pixel_values"], vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+            return_dict=True))
+        return scores, feats
+
+    def _image_blocks(self, kw):
+        """(image mask, each image's placeholder block, each image's map from visual token indices to
+        offsets in its block and in its ``get_image_features`` output) of the caller's prompt."""
+        image_mask = self._image_mask(kw["input_ids"], None)
+        blocks = placeholder_positions(image_mask, self.patches_per_image)
+        return image_mask, blocks, [lambda idx: idx] * len(blocks)
 
     def _outlier_prompt(self, caller, scores, feats) -> OutlierPrompt:
-        """The caller's prompt with each image cut to its outliers, chosen among the tokens the LM sees
-        (``handle.last`` of the pruned call), recorded there as ``outliers``."""
-        decoder = self.handle.decoder
-        image_mask = self._image_mask(caller["input_ids"], None)
-        n = self.patches_per_image
-        blocks = placeholder_positions(image_mask, n)
-        chosen = []
-        for i, rec in enumerate(self.handle.last):
-            rec.outliers = decoder.choose(scores[i], rec.kept.to(scores.device) if rec.after < rec.before else None)
-            chosen.append(rec.outliers)
-        images = [feats.pooler_output[i][idx] for i, idx in enumerate(chosen)]
-        keep = keep_mask(image_mask, blocks, [c.to(image_mask.device) for c in chosen])
-        short, _ = self._shorten(caller, keep, BaseModelOutputWithPooling(pooler_output=images), generating=True)
+        """The caller's prompt with each image cut to its outliers (their placeholders and features only,
+        in raster order), chosen among the tokens the LM sees (``handle.last`` of the pruned call)."""
+        image_mask, blocks, offsets = self._image_blocks(caller)
+        chosen = choose_outliers(self.handle.decoder, self.handle.last, scores)
+        places = [to_offset(idx.to(image_mask.device)) for to_offset, idx in zip(offsets, chosen)]
+        images = [feats.pooler_output[i][at.to(feats.pooler_output[i].device)] for i, at in enumerate(places)]
+        caller = {k: v for k, v in caller.items() if k != "image_sizes"}
+        short, _ = self._shorten(caller, keep_mask(image_mask, blocks, places),
+                                 BaseModelOutputWithPooling(pooler_output=images), generating=True)
         return OutlierPrompt(short["input_ids"], short.get("attention_mask"), short.get("position_ids"),
                              {"mm_encoder_outputs": short["mm_encoder_outputs"]})
