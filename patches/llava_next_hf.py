@@ -39,7 +39,20 @@ Method support (``SUPPORT``; the README's model x method table is built from it)
 | fastervlm, hiprune, pool, prumerge_plus, random, tcc, uniform, visionzip, vtc_cls (stage encoder) | yes: per view |
 | flowcut (stage in_encoder) | yes: per view, one tower run each; its first prune picks among the unpadded tokens only |
 | fastv, visual_exit (stage llm) | yes: one pass over the image's visual tokens at layer K |
-| damro (decoding) | no, not yet: rejected at patch time (``decoders = ()``) |
+| damro (decoding) | yes: outliers global over the image's views, outlier-only prompt without newlines; composes with every ``prune=`` pruning method |
+
+damro (contrastive decoding, ``patches/_contrast.py``). Outliers: the image's ``outliers`` tokens with the
+highest [CLS] attention over *all* its views at once - each token scored by its own view's head-mean
+[CLS] row (the base view's, or its crop's), only tokens that reach the LM competing (unpadded ones,
+and with ``prune=`` the kept ones). One ranking across views is sound here, unlike for pruning scores
+in general: every view's [CLS] spreads its attention over the same s*s patches, so a share means the
+same in every view, and an outlier is a token taking a large share. Not the base view only: the LM
+sees every crop's outliers too (DAMRO's point is what the LM attends to), and a pruned base view may
+keep few tokens. Outlier-only prompt: per image, its outlier tokens' projected features in the image's
+visual order (base view first, then high-res raster order), one placeholder each, and no newline
+tokens - the contrast shows the outliers alone, as on LLaVA-1.5, not a sparse grid whose newlines
+would add content-free tokens that depend on where the outliers fall. ``handle.last[i].outliers`` are
+visual indices (the index space of ``kept``).
 """
 from __future__ import annotations
 
@@ -63,8 +76,8 @@ SUPPORT = {
     "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
     "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
     "visual_exit": "yes", "vtc_cls": "yes",
-    "damro": "no: not yet; the outlier-only prompt needs per-view [CLS] rows and the AnyRes packing (the llava_hf "
-             "patcher's _contrast_session shows the hooks to implement)",
+    "damro": "yes: the k outliers are the top-k over all views' [CLS] rows (each token scored by its own view's); "
+             "the outlier-only prompt holds those k tokens, no newlines",
 }
 
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
@@ -195,7 +208,6 @@ class NextLLMPruning(LLMPruning):
 @register_patcher("LlavaNextForConditionalGeneration")
 class LlavaNextHF(LlavaHF):
     llm_pruning = NextLLMPruning
-    decoders = ()  # damro: not yet (see SUPPORT); LlavaHF serves it
 
     def install(self):
         cfg = self.model.config
@@ -355,6 +367,29 @@ class LlavaNextHF(LlavaHF):
         if all(k >= layout.visual for k, layout in zip(ks, layouts)):
             return original(**kw)
         return self._run_llm(original, kw, image_mask, blocks, rows, layouts, ks)
+
+    # -- damro: the hooks LlavaHF._contrast_session calls -----------------------------------------
+    def _outlier_scores(self, kw):
+        """One tower pass over every view with the decoder's taps: (each image's [CLS] scores over its N
+        visual tokens, each token's from its own view's head-mean row; the packed projected features)."""
+        layer, strategy = self._feature_args(kw)
+        _, layouts, _, _ = self._images(kw)
+        feats, rows = self.contrast_taps.capture(lambda: self.inner.get_image_features(
+            pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"], vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy, return_dict=True))
+        scores, first = [], 0
+        for layout in layouts:
+            image = rows.new_empty(layout.visual)  # every visual index belongs to exactly one view
+            for view in layout.views:
+                image[view.visual.to(rows.device)] = rows[first + view.index, view.local.to(rows.device)]
+            scores.append(image)
+            first += layout.n_views
+        return scores, feats
+
+    def _image_blocks(self, kw):
+        """Placeholder blocks with newlines; a visual index's offset skips the newlines before it."""
+        image_mask, layouts, blocks, _ = self._images(kw)
+        return image_mask, blocks, [layout.offsets for layout in layouts]
 
     def _generate(self, original, kw):
         self._image_sizes = kw.get("image_sizes")  # generate() encodes the images and drops them before forward

@@ -25,6 +25,14 @@ Kept indices are raster indices of the 24 x 24 (generally s x s) patch grid, asc
 keeps the original contract: the original code generates from ``inputs_embeds``, so it returns only the
 new tokens, patched or not; an explicit ``max_length`` counts the unpruned sequence, as unpatched.
 
+damro (contrastive decoding, ``patches/_contrast.py``): the original ``generate`` splices the images
+into ``inputs_embeds`` and generates from them, so the outlier-only prompt is spliced the same way - the
+original ``prepare_inputs_labels_for_multimodal`` run on the caller's ids with each image's features
+replaced by its outliers' (``encode_images`` hands them over), so padding side, truncation and labels
+follow the original code's rules. Its outliers are chosen once the pruned splice inside ``generate`` has
+run (the tokens the LM sees are known only then); the [CLS] rows come from one tower pass of their own
+before it, whose features the unpruned splice reuses. Composes with ``prune=`` as on HF LLaVA-1.5.
+
 Supported calls: ``images`` as one (B, 3, H, W) tensor (LLaVA-1.5's ``image_aspect_ratio`` "pad" or
 "square"), ``mm_vision_select_feature="patch"``. A prompt without a placeholder consumes one image of
 ``images`` unused (the original code's rule), so ``handle.last`` has records only for images that reach
@@ -46,6 +54,7 @@ from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 
 from ._clip import ClipTaps, encoder_layers
+from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._wrap import named_arguments, wrap_method
 from .llava_hf import LlavaHF
 
@@ -53,8 +62,7 @@ from .llava_hf import LlavaHF
 SUPPORT = {
     "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
     "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
-    "visual_exit": "yes", "vtc_cls": "yes",
-    "damro": "no: its contrastive decoding is implemented in the HF LLaVA-1.5 generate() path only",
+    "visual_exit": "yes", "vtc_cls": "yes", "damro": "yes",
 }
 
 
@@ -70,7 +78,6 @@ class _Row:
 @register_patcher("LlavaLlamaForCausalLM")
 class LlavaOriginal(LlavaHF):
     stages = ("encoder", "projector", "in_encoder", "llm")
-    decoders = ()  # decoding methods (damro) hook HF LLaVA's generate(); the original code's is different
 
     def install(self):
         from llava.constants import IMAGE_TOKEN_INDEX  # the model exists, so llava is installed
@@ -93,6 +100,12 @@ class LlavaOriginal(LlavaHF):
         self._busy = self._in_prepare = self._generating = False
         self._selection = self._selections = self._enc = self._labels = None
         self._prompt_len = None
+        self._session = None  # the ContrastSession of a running generate() (damro)
+        self._features = None  # image features encode_images hands out instead of encoding (damro)
+        self._splice = model.prepare_inputs_labels_for_multimodal  # the original, for damro's outlier prompt
+        decoder = self.handle.decoder
+        if decoder is not None and decoder.active:  # its own [CLS] taps, live only in its own tower pass
+            self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
         method = self.handle.method
         if method.stage == "llm":
             self.llm = self.llm_pruning(self, self.inner.layers, method)
@@ -268,7 +281,11 @@ class LlavaOriginal(LlavaHF):
         return None, pos, attn, past, embeds, None  # the loss is taken after the drop (in _forward)
 
     def _encode_images(self, original, kw):
-        """Inside a pruned splice: arm the taps and hooks; in-encoder methods go one image at a time."""
+        """Inside a pruned splice: arm the taps and hooks; in-encoder methods go one image at a time.
+        Features handed over by damro (``self._features``) are returned instead, once."""
+        features, self._features = self._features, None
+        if features is not None:
+            return features
         if not self._in_prepare:
             return original(**kw)
         images = kw["images"]
@@ -287,6 +304,8 @@ class LlavaOriginal(LlavaHF):
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     def _forward(self, original, kw):
+        if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted
+            return self._session.forward(original, kw)
         try:
             out = original(**kw)
             pending = getattr(self, "llm", None) is not None and self.llm.pending is not None
@@ -308,13 +327,55 @@ class LlavaOriginal(LlavaHF):
         ids = kw.get("inputs")
         if kw.get("max_length") is not None and kw.get("max_new_tokens") is None and ids is not None:
             kw["max_length"] -= self._dropped(ids, kw.get("attention_mask"))
+        decoder = self.handle.decoder
+        if decoder is not None and decoder.active:
+            original = self._contrast_session(original, kw)
         self._generating = True
         try:
             return original(**kw)
         finally:
             self._generating = False
+            self._features = None
             if getattr(self, "llm", None) is not None:
                 self.llm.end()
+
+    # -- damro: contrastive decoding against the outlier-only prompt ------------------------------
+    def _contrast_session(self, original, kw):
+        """``generate`` wrapped in a :class:`ContrastSession` whose outlier prompt is spliced at its first
+        forward call, once the pruned splice has recorded which tokens the LM sees."""
+        ids, images = kw.get("inputs"), kw["images"]
+        if ids is None:
+            raise VlpruneError(f"method={self.handle.decoder.name!r} generates from input ids (inputs)")
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise VlpruneError("the llava_original patcher supports images as one (B, 3, H, W) tensor (LLaVA-1.5, "
+                               "image_aspect_ratio 'pad' or 'square'); got a list or 5-D images (AnyRes)")
+        feats, scores = self.contrast_taps.capture(lambda: self.inner.mm_projector(self.inner.get_vision_tower()(images)))
+        n = self.patches_per_image
+        if self.keep_count(n) >= n:  # nothing pruned: the full splice takes the features just computed
+            self._features = feats
+        build = functools.partial(self._outlier_prompt, ids, kw.get("attention_mask"), kw.get("position_ids"),
+                                  images, scores, feats)
+        return ContrastSession(self.handle.decoder, build, cache_key="past_key_values").around(self, original)
+
+    def _outlier_prompt(self, ids, mask, position_ids, images, scores, feats) -> OutlierPrompt:
+        """The caller's prompt spliced by the original code with each image as its outliers only."""
+        n = self.patches_per_image
+        full = [torch.arange(n, device=ids.device)] * images.shape[0]
+        used = [i for row in self._rows(ids, mask, full) for i, _, _ in row.images]  # images reaching the LM
+        chosen = choose_outliers(self.handle.decoder, self.handle.last, scores[used])
+        outliers = list(full)
+        for i, idx in zip(used, chosen):
+            outliers[i] = idx.to(ids.device)
+        self._features = [f[idx.to(f.device)] for f, idx in zip(feats, outliers)]
+        try:
+            _, pos, attn, _, embeds, _ = self._splice(
+                ids, position_ids, mask if mask is not None else torch.ones_like(ids), None, None, images)
+        finally:
+            self._features = None
+        if self.handle.config.positions == "original":
+            pos = self._position_ids(self._rows(ids, mask, outliers), embeds.shape[1], position_ids, torch.long,
+                                     embeds.device)
+        return OutlierPrompt(None, attn, pos, inputs_embeds=embeds)
 
     def _dropped(self, ids, mask) -> int:
         """How much shorter the spliced batch gets: an explicit max_length counts the unpruned one."""
