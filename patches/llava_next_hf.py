@@ -39,7 +39,7 @@ Method support (``SUPPORT``; the README's model x method table is built from it)
 | fastervlm, hiprune, pool, prumerge_plus, random, tcc, uniform, visionzip, vtc_cls (stage encoder) | yes: per view |
 | flowcut (stage in_encoder) | yes: per view, one tower run each; its first prune picks among the unpadded tokens only |
 | fastv, visual_exit (stage llm) | yes: one pass over the image's visual tokens at layer K |
-| damro (decoding) | yes: outliers global over the image's views, outlier-only prompt without newlines; composes with every ``prune=`` pruning method |
+| damro (decoding) | substitute: outliers global over the image's views, outlier-only prompt without newlines; composes with every ``prune=`` pruning method |
 
 damro (contrastive decoding, ``patches/_contrast.py``). Outliers: the image's ``outliers`` tokens with the
 highest [CLS] attention over *all* its views at once - each token scored by its own view's head-mean
@@ -76,8 +76,8 @@ SUPPORT = {
     "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
     "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
     "visual_exit": "yes", "vtc_cls": "yes",
-    "damro": "yes: the k outliers are the top-k over all views' [CLS] rows (each token scored by its own view's); "
-             "the outlier-only prompt holds those k tokens, no newlines",
+    "damro": "substitute: AnyRes has one [CLS] per view, so the k outliers are the top-k over all views' tokens, "
+             "each scored by its own view's [CLS] row; the outlier-only prompt holds those k tokens, no newlines",
 }
 
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)

@@ -216,9 +216,7 @@ class LlavaOriginal(LlavaHF):
         ids, images = kw.get("input_ids"), kw.get("images")
         if not self.enabled or images is None or ids is None or ids.shape[1] == 1:
             return original(**kw)
-        if not torch.is_tensor(images) or images.dim() != 4:
-            raise VlpruneError("the llava_original patcher supports images as one (B, 3, H, W) tensor (LLaVA-1.5, "
-                               "image_aspect_ratio 'pad' or 'square'); got a list or 5-D images (AnyRes)")
+        _check_images(images)
         mask = kw.get("attention_mask")
         needed = self._images_needed(ids, mask)
         if images.shape[0] != needed:
@@ -346,9 +344,7 @@ class LlavaOriginal(LlavaHF):
         ids, images = kw.get("inputs"), kw["images"]
         if ids is None:
             raise VlpruneError(f"method={self.handle.decoder.name!r} generates from input ids (inputs)")
-        if not torch.is_tensor(images) or images.dim() != 4:
-            raise VlpruneError("the llava_original patcher supports images as one (B, 3, H, W) tensor (LLaVA-1.5, "
-                               "image_aspect_ratio 'pad' or 'square'); got a list or 5-D images (AnyRes)")
+        _check_images(images)
         feats, scores = self.contrast_taps.capture(lambda: self.inner.mm_projector(self.inner.get_vision_tower()(images)))
         n = self.patches_per_image
         if self.keep_count(n) >= n:  # nothing pruned: the full splice takes the features just computed
@@ -385,3 +381,9 @@ class LlavaOriginal(LlavaHF):
             return 0
         short = self._rows(ids, mask, [torch.arange(k, device=ids.device)] * needed)
         return max(row.full for row in short) - max(row.orig.shape[0] for row in short)
+
+
+def _check_images(images):
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise VlpruneError("the llava_original patcher supports images as one (B, 3, H, W) tensor (LLaVA-1.5, "
+                           "image_aspect_ratio 'pad' or 'square'); got a list or 5-D images (AnyRes)")

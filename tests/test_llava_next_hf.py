@@ -14,7 +14,7 @@ from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB
 from vlprune.patches.llava_next_hf import SUPPORT, anyres_layout, split_budget
 from vlprune.registry import get_method
 
-METHODS = sorted(m for m in vlprune.methods() if SUPPORT.get(m, "yes") == "yes")  # damro: not served here
+METHODS = sorted(m for m in vlprune.methods() if SUPPORT.get(m, "yes") == "yes")  # damro: test_method_damro_families.py
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 SIDE = 4  # 56 px views, 14 px patches
 # (height, width) -> unpadded high-res grid (H, W): one crop; 1 x 2 crops, rows cut; 2 x 1, columns cut; 2 x 2

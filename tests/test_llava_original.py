@@ -206,9 +206,9 @@ def test_errors_are_clear(orig):
     finally:
         tower.select_feature = "patch"
     assert "_vlprune" not in orig.__dict__ and "forward" not in orig.__dict__
-    if "damro" in vlprune.methods():  # a decoding method this patcher does not serve: refused, by name
-        with pytest.raises(vlprune.VlpruneError, match="'damro' is not served on LlavaLlamaForCausalLM"):
-            vlprune.patch(orig, "damro")
+    with vlprune.pruned(orig, "damro"):  # served (test_method_damro_families.py), but only for one images tensor
+        with pytest.raises(vlprune.VlpruneError, match=r"one \(B, 3, H, W\) tensor"):
+            gen(orig, ids, mask, [pixels(1)[0]])
 
 
 def test_clip_vit_l_336_geometry_576_to_64_in_raster_order(tmp_path):

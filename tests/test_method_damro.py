@@ -260,10 +260,12 @@ def test_beams_and_embeddings_are_rejected_clearly(llava):
 
 
 def test_models_without_support_reject_it():
-    from test_llava_next_hf import next_config
-    from transformers import LlavaNextForConditionalGeneration
+    """Qwen2.5-VL has no [CLS] token to rank outliers by (LLaVA-NeXT and the original LLaVA code serve
+    damro: test_method_damro_families.py)."""
+    from test_qwen2_5_vl import qwen_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = LlavaNextForConditionalGeneration._from_config(next_config(vision_layers=2, lm_layers=1))
-    with pytest.raises(vlprune.VlpruneError, match="method='damro' is not served on LlavaNextForConditionalGeneration"):
+    model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(depth=2, fullatt=(1,), lm_layers=1))
+    with pytest.raises(vlprune.VlpruneError, match="method='damro' is not served on Qwen2_5_VLForConditionalGeneration"):
         vlprune.patch(model, "damro")
     assert "_vlprune" not in model.__dict__
