@@ -1,7 +1,8 @@
 """Contrastive decoding inside ``generate()`` (``damro``): full rows and outlier-only rows, one LM call per step.
 
-Family-agnostic. A patcher that serves a decoding method builds, in its generate wrapper, the second
-prompt the method contrasts with (an :class:`OutlierPrompt`: ids, mask, positions and the encoded
+Family-agnostic (only :class:`ContrastTaps` assumes a CLIP-style tower, ``patches/_clip.py``). A
+patcher that serves a decoding method builds, in its generate wrapper, the second prompt the method
+contrasts with (an :class:`OutlierPrompt`: ids, mask, positions and the encoded
 images of the outlier-only input, from the caller's prompt) and runs ``generate`` through
 :meth:`ContrastSession.around`; its forward wrapper hands every forward call made meanwhile to
 :meth:`ContrastSession.forward`, which returns the contrasted next-token logits as the model's own.
