@@ -26,7 +26,7 @@ embedded geometry loads the shipped model as is), its inputs, and knows for its 
   (1/3, 2/9, 1/9) of the image's tokens, LLaVA-NeXT the papers' 640/320/160 of 2,880 (2/9, 1/9, 1/18).
 
 Random-weight LMs have the 7B's proportions at any width (``--lm-width``): head dim 128 (64 below 128
-wide), Vicuna's MLP 11008/4096, Qwen2's 18944/3584 and 7 query heads per key/value head.
+wide), Vicuna's MLP 11008/4096, Qwen2's 18944/3584 with at least 7 query heads per key/value head (7B: 28/4).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def llama_text(width: int, layers: int, vocab: int = 32064):
 
 
 def qwen_text(width: int, layers: int) -> dict:
-    """Qwen2.5-7B's decoder at another width/depth: 7 query heads per key/value head (28/4), MLP 18944/3584
+    """Qwen2.5-7B's decoder at another width/depth: >= 7 query heads per key/value head (7B: 28/4), MLP 18944/3584
     of the width, M-RoPE sections in the 7B's proportions (16/24/24 of a 128-dim head's 64 frequencies)."""
     heads, head_dim = lm_heads(width)
     kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 7))
