@@ -127,14 +127,32 @@ def read_blocks(text: str) -> dict[str, str]:
     return found
 
 
+INCLUDE = re.compile(r"(<!-- include: (\S+) -->\n)(.*?)(\n?<!-- /include: \2 -->)", re.S)
+
+
+def includes(text: str) -> dict[str, str]:
+    """Path -> the text between an ``<!-- include: PATH -->`` marker pair: measured results (a benchmark's or
+    a sweep's Markdown table, committed with the raw files beside it) are quoted from their file, never
+    retyped, so the README cannot drift from the run that produced them."""
+    return {m.group(2): m.group(3).strip() for m in INCLUDE.finditer(text)}
+
+
 def update(text: str) -> str:
-    """``text`` with every marker block replaced by the generated table."""
+    """``text`` with every marker block replaced by the generated table and every include by its file."""
     for name, table in render_tables().items():
         pattern = _pattern(name)
         if not pattern.search(text):
             raise ValueError(f"README has no <!-- {name} --> ... <!-- /{name} --> block")
         text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3).lstrip("\n"), text, count=1)
-    return text
+    root = README.parent
+
+    def quote(m):
+        path = root / m.group(2)
+        if not path.is_file():
+            raise ValueError(f"README includes {m.group(2)}, which does not exist")
+        return m.group(1) + path.read_text(encoding="utf-8").strip() + "\n" + m.group(4).lstrip("\n")
+
+    return INCLUDE.sub(quote, text)
 
 
 def main(argv=None) -> int:

@@ -76,14 +76,17 @@ class LlavaHF(Patcher):
         else:  # select before the projector: it runs on k tokens only
             self.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
 
-    def _install_in_encoder(self, method):
-        """Prune between encoder layers: a pre-hook on layer l+1 applies the decision made after layer l."""
+    def _feature_layer_index(self, method) -> int:
+        """The encoder layer whose output the projector reads (``hidden_states[i]`` is layer i-1's output)."""
         layer = self.model.config.vision_feature_layer
         if not isinstance(layer, int):
             raise VlpruneError(f"method={method.name!r} prunes inside the encoder and needs one vision_feature_layer; "
                                f"this model concatenates layers {layer}")
-        n = len(self.layers)
-        self.feature_layer = layer % (n + 1) - 1  # hidden_states[i] is the output of layer i-1
+        return layer % (len(self.layers) + 1) - 1
+
+    def _install_in_encoder(self, method):
+        """Prune between encoder layers: a pre-hook on layer l+1 applies the decision made after layer l."""
+        self.feature_layer = self._feature_layer_index(method)
         self.plan = method.encoder_plan(self.feature_layer)
         if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
             raise VlpruneError(f"method={method.name!r} planned prune layers {self.plan}, which must lie in "

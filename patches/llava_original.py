@@ -136,22 +136,9 @@ class LlavaOriginal(LlavaHF):
 
         self.ledger.set_attr(self.model, "forward", forward)
 
-    def _feature_layer_index(self) -> int:
-        layer = self.select_layer
-        return layer % (len(self.layers) + 1) - 1  # hidden_states[i] is the output of layer i-1
-
-    def _install_in_encoder(self, method):
-        """As LLaVA-1.5 HF, with the feature layer from ``mm_vision_select_layer``."""
-        self.feature_layer = self._feature_layer_index()
-        self.plan = method.encoder_plan(self.feature_layer)
-        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
-            raise VlpruneError(f"method={method.name!r} planned prune layers {self.plan}, which must lie in "
-                               f"0..{self.feature_layer - 1} (before the feature layer {self.feature_layer})")
-        requests = [sig for l in self.plan for sig in method.encoder_signals(l)]
-        self.taps = ClipTaps(self.layers, requests, self.ledger, lambda: self._busy)
-        for l in self.plan:
-            hook = functools.partial(self._between_layers, l)
-            self.ledger.hook(self.layers[l + 1].register_forward_pre_hook(hook, with_kwargs=True))
+    def _feature_layer_index(self, method) -> int:
+        """``mm_vision_select_layer`` plays the part of HF's ``vision_feature_layer``."""
+        return self.select_layer % (len(self.layers) + 1) - 1
 
     # -- where the images go ----------------------------------------------------------------------
     def _rows(self, ids, mask, kept: list) -> list[_Row]:

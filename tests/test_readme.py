@@ -39,6 +39,14 @@ def test_readme_tables_match_the_registry(name):
     )
 
 
+def test_quoted_results_equal_their_committed_files():
+    quoted = docs.includes(README)
+    assert quoted, "README quotes no committed results file"
+    for path, body in quoted.items():
+        assert body == (ROOT / path).read_text(encoding="utf-8").strip(), (
+            f"README's copy of {path} is stale: run python -m vlprune.eval.docs --write")
+
+
 def test_tables_list_every_registered_method_and_model():
     tables = docs.render_tables()
     for name, summary in vlprune.methods().items():
@@ -52,7 +60,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_command():
     lines = quick_start_lines()
     assert len(lines) == 2, lines
     run_example, run_tests = lines
-    assert run_example.endswith(".venv/bin/vlprune-example")
+    assert run_example.endswith(".venv/bin/vlprune-eval")  # the main job: the offline sweep on the embedded model
     steps = [s.strip() for s in run_tests.split("&&")]
     assert steps[-1].endswith("pytest"), steps
     venv, *installs, test = steps
