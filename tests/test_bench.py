@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import tiny
 import vlprune
 from test_contract import LMInputs
 from tiny import IMAGE_TOKEN, batch, pixels, prompt
@@ -164,16 +165,7 @@ def test_qwen2_5_vl_flops_match_a_hand_count():
 
 def test_dinov2_tower_flops_match_a_hand_count():
     """The embedded family (LLaVA with a DINOv2 tower): 6 layers x 17 tokens (64 wide, MLP 128)."""
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = Dinov2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
-                          patch_size=14, image_size=56, use_mask_token=False)
-    text = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=5, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration._from_config(cfg).eval()
+    model = tiny.dinov2_llava(lm_layers=2)
     ids = torch.tensor([[1, 7] + [5] * 16 + [8, 9]])
     call = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), logits_to_keep=1)
     L = ids.shape[1]

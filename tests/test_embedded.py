@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 from vlprune.embedded import scenes
 
 # sha256 over the first three held-out items (image bytes, question type, question, answer)
@@ -223,16 +224,7 @@ SHIPPED_FLOOR = 0.65
 @pytest.mark.parametrize("method", ["fastervlm", "random", "pool", "flowcut", "fastv", "vtc_cls"])
 def test_llava_patcher_serves_a_dinov2_tower(method):
     import vlprune
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = Dinov2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
-                          patch_size=14, image_size=56, use_mask_token=False)
-    text = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=5, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration._from_config(cfg).eval()
+    model = tiny.dinov2_llava(lm_layers=4)
     ids = torch.tensor([[1, 7] + [5] * 16 + [8, 9]])
     pixels = torch.randn(1, 3, 56, 56)
     with torch.no_grad():

@@ -49,6 +49,21 @@ def build_llava(path=None, attn="sdpa", seed=0, **cfg):
     return load(path, attn_implementation=attn)
 
 
+def dinov2_llava(lm_layers=4):
+    """A LLaVA with a tiny random DINOv2 tower (the embedded model's family): 6 layers x 64 wide, 56 px ->
+    [CLS] + 16 patches, reading layer -2; a Llama LM 64 wide. Seeded, on the CPU."""
+    from transformers import Dinov2Config
+
+    torch.manual_seed(0)
+    vision = Dinov2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
+                          patch_size=14, image_size=56, use_mask_token=False)
+    text = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
+                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=5, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration._from_config(cfg).eval()
+
+
 def load(path, **kwargs):
     """Load a saved tiny model the way a user loads a checkpoint, on the test device."""
     return LlavaForConditionalGeneration.from_pretrained(path, **kwargs).eval().to(DEVICE)
