@@ -10,7 +10,7 @@ from PIL import Image
 
 import vlprune
 from test_contract import LMInputs, budget
-from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB
+from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, sharpen
 from vlprune.patches.llava_next_hf import SUPPORT, anyres_layout, split_budget
 from vlprune.registry import get_method
 
@@ -52,10 +52,7 @@ def build(path):
 
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration._from_config(next_config(), attn_implementation="sdpa")
-    with torch.no_grad():  # sharpen the random attention so rankings are not ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
+    sharpen(model)
     model.generation_config.suppress_tokens = [IMAGE_TOKEN]
     model.generation_config.pad_token_id = PAD
     model.save_pretrained(path)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from tiny import DEVICE
+from tiny import DEVICE, sharpen
 from vlprune.patches.qwen2_5_vl import SUPPORT, window_layout
 from vlprune.registry import get_method
 
@@ -51,10 +51,7 @@ def build_qwen(path=None, attn="sdpa", seed=0, **cfg):
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(**cfg), attn_implementation=attn)
-    with torch.no_grad():  # random init gives near-uniform attention; sharpen it so rankings are not ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
+    sharpen(model)
     model.generation_config.suppress_tokens = [IMG, VID]
     model.generation_config.pad_token_id = PAD
     model.eval()

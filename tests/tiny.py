@@ -32,14 +32,18 @@ def llava_config(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidde
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
+def sharpen(module):
+    """Scale every weight matrix by 3: random init gives near-uniform attention, so rankings would be ties."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+
+
 def build_llava(path=None, attn="sdpa", seed=0, **cfg):
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(llava_config(**cfg), attn_implementation=attn)
-    # random init gives near-uniform attention; sharpen it so rankings are not ties
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
+    sharpen(model)
     model.generation_config.suppress_tokens = [IMAGE_TOKEN]  # as real checkpoints, never emit the placeholder
     model.generation_config.pad_token_id = PAD
     model.eval()

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from tiny import DEVICE, PAD, VOCAB
+from tiny import DEVICE, PAD, VOCAB, sharpen
 
 IMAGE_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX (not imported here: llava is optional)
 SIZE = 56  # 4 x 4 = 16 patches of 14 px
@@ -28,10 +28,7 @@ def build(root, vision_layers=12, lm_layers=4, image_size=SIZE, vision=None, see
     vision = vision or CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
                                         num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=64)
     tower = CLIPVisionModel._from_config(vision)
-    with torch.no_grad():  # random init gives near-uniform attention; sharpen it so rankings are not ties
-        for p in tower.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
+    sharpen(tower)
     tower_dir = root / "clip-tower"
     tower.save_pretrained(tower_dir)
     side = vision.image_size
