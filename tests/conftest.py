@@ -28,7 +28,4 @@ def _shared_llava(llava_path):
 def llava(_shared_llava):
     """The shared tiny LLaVA; any patch a test leaves behind is removed and reported as a failure."""
     yield _shared_llava
-    leftover = _shared_llava.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    tiny.fail_if_left_patched(_shared_llava)

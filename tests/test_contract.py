@@ -18,7 +18,7 @@ import families
 import vlprune
 from vlprune.budget import Budget
 from vlprune.registry import _PATCHERS, get_method
-from tiny import IMAGE_TOKEN, batch, pixels, prompt
+from tiny import IMAGE_TOKEN, batch, fail_if_left_patched, pixels, prompt
 
 METHODS = sorted(vlprune.methods())
 N = 16  # patches per tiny image
@@ -131,10 +131,7 @@ def fam(request):
     """The family named by the test's parameter; a patch a test leaves behind fails it."""
     family = request.getfixturevalue(f"family_{request.param}")
     yield family
-    leftover = family.model.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    fail_if_left_patched(family.model)
 
 
 def references(fam):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import vlprune
 from test_contract import LMInputs, budget
-from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, sharpen
+from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, fail_if_left_patched, sharpen
 from vlprune.patches.llava_next_hf import SUPPORT, anyres_layout, split_budget
 from vlprune.registry import get_method
 
@@ -67,10 +67,7 @@ def _shared(next_path):
 @pytest.fixture
 def nxt(_shared):
     yield _shared
-    leftover = _shared.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    fail_if_left_patched(_shared)
 
 
 def make_processor(size=56, pinpoints=PINPOINTS):

@@ -15,7 +15,7 @@ pytest.importorskip("llava", reason="the original LLaVA code (llava-torch) is no
 
 import tiny_original as to  # noqa: E402
 import vlprune  # noqa: E402
-from tiny import DEVICE, batch, pixels  # noqa: E402
+from tiny import DEVICE, batch, fail_if_left_patched, pixels  # noqa: E402
 from vlprune.patches.llava_original import SUPPORT  # noqa: E402
 
 N = to.N
@@ -35,10 +35,7 @@ def _shared(orig_path):
 @pytest.fixture
 def orig(_shared):
     yield _shared
-    leftover = _shared.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    fail_if_left_patched(_shared)
 
 
 def run(model, ids, mask, images, **kw):

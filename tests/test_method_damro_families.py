@@ -12,7 +12,7 @@ import pytest
 import torch
 from families import LlavaNext, LlavaOriginal
 from test_contract import hook_state, no_hooks_left
-from tiny import IMAGE_TOKEN
+from tiny import IMAGE_TOKEN, fail_if_left_patched
 
 import vlprune
 
@@ -140,10 +140,7 @@ def original_family(tmp_path_factory):
 def family(request):
     fam = request.getfixturevalue(f"{request.param}_family")
     yield fam
-    leftover = fam.model.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    fail_if_left_patched(fam.model)
 
 
 def test_support_tables_serve_damro():

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from tiny import DEVICE, sharpen
+from tiny import DEVICE, fail_if_left_patched, sharpen
 from vlprune.patches.qwen2_5_vl import SUPPORT, window_layout
 from vlprune.registry import get_method
 
@@ -156,10 +156,7 @@ def _shared_qwen(qwen_path):
 @pytest.fixture
 def qwen(_shared_qwen):
     yield _shared_qwen
-    leftover = _shared_qwen.__dict__.get("_vlprune")
-    if leftover is not None:
-        leftover.remove()
-        pytest.fail("test left a patch installed")
+    fail_if_left_patched(_shared_qwen)
 
 
 TWO_SIZES = (("what is", [SQUARE], "a cat"), ("how many", [WIDE], "red blue green ?"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -30,6 +31,14 @@ def llava_config(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidde
     )
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def fail_if_left_patched(model):
+    """Remove a patch a test left installed, and fail that test: the next one must get a clean model."""
+    leftover = model.__dict__.get("_vlprune")
+    if leftover is not None:
+        leftover.remove()
+        pytest.fail("test left a patch installed")
 
 
 def sharpen(module):
