@@ -158,6 +158,71 @@ def test_packed_training_sequence_equals_single_prompts():
                 assert labels[b, at] == tok.convert_tokens_to_ids(qa.answer.split()[0])
 
 
+def test_every_question_of_a_scene_has_the_right_answer():
+    from vlprune.embedded.train import scene_questions
+
+    rng = np.random.default_rng(0)
+    seen = {}
+    for i in range(40):
+        sc = scenes.make_scene(11, i)
+        objects = [[o.color, o.shape, o.where] for o in sc.objects]
+        qas = scene_questions(objects, rng, 100)
+        assert len({q for _, q, _ in qas}) == len(qas)  # no question twice
+        for qtype, question, answer in qas:
+            assert answer == _expected(scenes.QA(qtype, question, answer), sc.objects), (i, question)
+            seen.setdefault(qtype, []).append(answer)
+        # more than the stored one-per-type, and a cap that is honoured
+        assert len(qas) > len(sc.qas) and len(scene_questions(objects, rng, 3)) == 3
+    assert set(seen) == set(scenes.QTYPES)
+    every_colour = [[c, "circle", "top left"] for c in scenes.COLORS]  # no absent colour to count
+    assert sum(qt == "count" for qt, _, _ in scene_questions(every_colour, rng, 100)) == len(scenes.COLORS)
+    assert seen["exist"].count("yes") == seen["exist"].count("no")
+    assert 0 < seen["count"].count("zero") < len(seen["count"]) / 2
+
+
+def test_training_continues_from_a_written_checkpoint(tmp_path):
+    """``--init``: save() folds the feature standardisation into the projector; loading unfolds it, so the
+    continued model computes exactly what the saved one did."""
+    from vlprune.embedded import model as emb
+    from vlprune.embedded.train import Trainer
+
+    class Stub(Trainer):  # the trainer's model, statistics and checkpoint methods, without a dataset
+        def __init__(self, init=None):
+            self.tokenizer = emb.build_tokenizer()
+            self.model = emb.build_model(self.tokenizer, vision=False, seed=3 if init is None else 4)
+            g = torch.Generator().manual_seed(0)
+            self.mu, self.sd = torch.randn(384, generator=g), torch.rand(384, generator=g) + 0.5
+            if init is not None:
+                self.load_checkpoint(init)
+
+    first = Stub()
+    x = torch.randn(2, 256, 384)
+    with torch.no_grad():
+        trained = first.model.model.multi_modal_projector((x - first.mu) / first.sd)
+        head = first.model.lm_head.weight.clone()
+    first.save(tmp_path / "ckpt")
+    again = Stub(init=tmp_path / "ckpt")
+    with torch.no_grad():
+        resumed = again.model.model.multi_modal_projector((x - again.mu) / again.sd)
+    assert torch.allclose(resumed, trained, atol=1e-4)
+    assert torch.equal(again.model.lm_head.weight, head)
+
+
+def test_heldout_results_table():
+    from vlprune.embedded.evaluate import markdown
+
+    rows = [{"method": "unpruned", "ratio": 0.0, "accuracy": {"color": 1.0, "count": 0.5, "all": 0.75}},
+            {"method": "random", "ratio": 0.889, "accuracy": {"color": 0.5, "all": 0.5}, "objects_kept": 0.25},
+            {"method": "keep=1", "ratio": None, "accuracy": {"count": 0.0, "all": 0.0}}]
+    text = markdown(rows, 4, "python -m vlprune.embedded.evaluate --n 4")
+    lines = text.splitlines()
+    assert "first 4 items" in lines[0] and "--n 4" in lines[0]
+    assert lines[2] == "| method | reduction | all | color | count | objects kept |"
+    assert lines[4] == "| unpruned | 0 | 0.750 | 1.000 | 0.500 | - |"
+    assert lines[5] == "| random | 0.889 | 0.500 | 0.500 | - | 0.250 |"
+    assert lines[6] == "| keep=1 | - | 0.000 | - | 0.000 | - |"
+
+
 # -- loading ------------------------------------------------------------------------------------------
 @needs_weights
 def test_load_embedded_answers_and_patches(tmp_path):

