@@ -1,7 +1,7 @@
 """Held-out accuracy of the embedded model, unpruned and under ``vlprune.patch`` (greedy answers).
 
     python -m vlprune.embedded.evaluate --n 500 --methods fastervlm,random,uniform,pool --ratios 0.75,0.889 \
-        --out assets/embedded/results.json
+        --out assets/results/embedded-heldout
 
 Every row is measured on the same held-out items (``scenes.test_items``), through the model's processor
 and ``generate``, exactly as a user calls it. Two rows are not pruning settings: ``keep=1`` (one visual
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,6 +125,23 @@ def run(model, processor, items, methods, ratios, positions="contiguous", log=pr
     return rows
 
 
+def markdown(rows, n: int, command: str) -> str:
+    """The rows as a Markdown table (accuracy overall and per question type), with the command that made it."""
+    types = [qt for qt in scenes.QTYPES if any(qt in r["accuracy"] for r in rows)]
+    kept = any("objects_kept" in r for r in rows)
+    head = ["method", "reduction", "all"] + types + (["objects kept"] if kept else [])
+    lines = [f"Held-out accuracy of the embedded model, greedy answers to the first {n} items of the test split "
+             f"(`{command}`).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        acc = r["accuracy"]
+        cells = [r["method"], "-" if r["ratio"] is None else f"{r['ratio']:g}", f"{acc['all']:.3f}"]
+        cells += [f"{acc[qt]:.3f}" if qt in acc else "-" for qt in types]
+        if kept:
+            cells.append(f"{r['objects_kept']:.3f}" if "objects_kept" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint dir (default: the embedded model)")
@@ -134,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--objects", type=int, default=0,
                     help="also measure the share of objects that keep a patch, on this many held-out scenes")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="a folder for results.json and results.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from . import load_embedded
@@ -145,12 +163,13 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",") if r]
     rows = run(model, processor, items, methods, ratios, args.positions, log=lambda m: print(m, flush=True),
                objects=args.objects)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
+    if args.out:  # results.json + results.md (the README quotes the latter)
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m vlprune.embedded.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "results.json").write_text(json.dumps({
             "items": args.n, "split": "test", "seed": scenes.SEEDS["test"], "positions": args.positions,
-            "command": "python -m vlprune.embedded.evaluate " + " ".join(argv or __import__("sys").argv[1:]),
-            "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+            "command": command, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        (args.out / "results.md").write_text(markdown(rows, args.n, command))
 
 
 if __name__ == "__main__":
