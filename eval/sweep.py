@@ -201,12 +201,47 @@ class Config:
     include_path: list[str] = field(default_factory=list)
     objects: int = 0  # scenes for the model-free objects-kept metric (embedded model only)
     method_options: dict = field(default_factory=dict)  # {method: {option: value}}
+    weights: str = ""  # model_weights(model): retrained weights under the same name are another model
 
     def fingerprint(self) -> dict:
         """What makes two cells comparable (batch size and device change timings, not answers)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "device", "include_path")}
         keep["tasks"] = sorted(keep["tasks"])
         return keep
+
+
+def model_weights(model: str) -> str:
+    """A short digest of the weights behind ``--model``, so that resuming into a folder never reuses cells
+    of other weights under the same name (the embedded model retrained, a checkpoint folder overwritten).
+    Local folders: each weight file's name and size, and its first and last MiB (cheap for 10 GB
+    checkpoints; any retraining changes them). Hub ids: the cached snapshot's commit."""
+    import hashlib
+
+    if model == EMBEDDED:
+        from vlprune.embedded import asset_dir
+
+        folder = asset_dir()
+    else:
+        folder = Path(model).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "config.json")
+            return f"snapshot:{Path(found).parent.name}" if isinstance(found, str) else ""
+        except Exception:
+            return ""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "config.json":
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 class Sweep:
@@ -535,7 +570,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, list[Cell], Path, dict]:
                     limit=limit, batch_size=int(pick("batch-size", 8 if model == EMBEDDED else 1)), device=device,
                     include_path=list(args.include_path or []) + list(recipe.get("include_path", [])),
                     objects=objects if model == EMBEDDED and SCENES_TASK in tasks else 0,
-                    method_options=dict(recipe.get("method_options", {})))
+                    method_options=dict(recipe.get("method_options", {})), weights=model_weights(model))
     out = Path(pick("output", DEFAULTS["output"] if not args.recipe else f"{DEFAULTS['output']}/{recipe.get('name', args.recipe)}"))
     return config, grid(methods, ratios, keeps), out, recipe
 

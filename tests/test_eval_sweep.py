@@ -67,6 +67,24 @@ def test_finished_cells_are_not_recomputed(tmp_path):
     fake.calls.clear()
     Sweep(Config(tasks=["gqa", "pope"], limit=10), tmp_path, log=lambda m: None, evaluate=fake).run(cells()[:2])
     assert fake.calls == ["unpruned", "pool-ratio0.75"]
+    # nor do other weights under the same model name (a retrained checkpoint)
+    fake.calls.clear()
+    Sweep(Config(tasks=["gqa", "pope"], weights="other"), tmp_path, log=lambda m: None, evaluate=fake).run(cells()[:1])
+    assert fake.calls == ["unpruned"]
+
+
+def test_weights_digest_follows_the_weight_files(tmp_path):
+    from vlprune.eval.sweep import model_weights
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20))
+    first = model_weights(str(tmp_path))
+    assert first and model_weights(str(tmp_path)) == first
+    (tmp_path / "README.md").write_text("notes")  # not a weight file
+    assert model_weights(str(tmp_path)) == first
+    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20)[:-1] + b"x")  # retrained: last bytes differ
+    assert model_weights(str(tmp_path)) != first
+    assert len(model_weights("embedded")) == 16  # the shipped checkpoint
 
 
 def test_an_interrupted_sweep_resumes(tmp_path):
