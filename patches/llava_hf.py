@@ -258,7 +258,7 @@ class LlavaHF(Patcher):
 
     def _forward_llm(self, original, kw):
         """Full sequence in; image tokens leave at decoder layer K (hooks in patches/_llm.py)."""
-        ids, embeds, mask = kw.get("input_ids"), kw.get("inputs_embeds"), kw.get("attention_mask")
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if ids is None and embeds is None:
             raise VlpruneError("pass input_ids or inputs_embeds together with pixel_values")
         image_mask = self._image_mask(ids, embeds)

@@ -8,7 +8,7 @@ import torch
 import tiny
 import vlprune
 from test_contract import LMInputs
-from tiny import IMAGE_TOKEN, batch, pixels, prompt
+from tiny import batch, pixels, prompt
 from vlprune.eval import bench, geometries
 from vlprune.eval.flops import LengthRecorder, llava_prefill_flops
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import vlprune  # noqa: E402
 from vlprune.registry import get_method  # noqa: E402
-from vlprune.eval.flops import LengthRecorder, open_clip_vit_flops, vision_layer_macs  # noqa: E402
+from vlprune.eval.flops import LengthRecorder, open_clip_vit_flops  # noqa: E402
 from vlprune.patches.open_clip import SUPPORT, kept_tokens  # noqa: E402
 
 N = 16  # patches of a tiny 32 px image with 8 px patches
