@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -165,7 +166,7 @@ def main(argv=None):
                objects=args.objects)
     if args.out:  # results.json + results.md (the README quotes the latter)
         args.out.mkdir(parents=True, exist_ok=True)
-        command = "python -m vlprune.embedded.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m vlprune.embedded.evaluate " + shlex.join(argv if argv is not None else sys.argv[1:])
         (args.out / "results.json").write_text(json.dumps({
             "items": args.n, "split": "test", "seed": scenes.SEEDS["test"], "positions": args.positions,
             "command": command, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
