@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
 from vlprune.methods.base import Context, Selection, Signal
-from vlprune.sequence import keep_mask
+from vlprune.sequence import is_right_padded, keep_mask
 
 
 def gather_seq(t: torch.Tensor, cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -96,6 +96,36 @@ class LLMPruning:
 
     def end(self):
         self.pending = None
+
+    def run(self, original, kw, image_mask, blocks, rows, n, k, prompt_len=None, **extra):
+        """The LM call ``original(**kw)`` with the drop armed (``n``/``k`` and ``extra`` go to ``pending``
+        as they are). The query row is each sequence's last prompt token: inside generate() without a
+        cache the sequence grows, but the prompt (and so the choice) stays the same. ``labels`` are
+        taken out and the loss recomputed over the positions that reached the head (fillers count for
+        none)."""
+        mask = kw.get("attention_mask")
+        length = image_mask.shape[1] if prompt_len is None else prompt_len
+        if is_right_padded(mask):
+            anchor = mask[:, :length].long().sum(1) - 1
+        else:
+            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
+        labels = kw.pop("labels", None)
+        self.begin(image_mask, blocks, rows, anchor, n, k)
+        self.pending.update(extra)
+        try:
+            out = original(**kw)
+            cols, filler = self.pending["cols"], self.pending.get("filler")
+        finally:
+            self.end()
+        if labels is not None:
+            if cols is not None:
+                labels = labels.gather(1, cols)
+                if filler is not None:
+                    labels = labels.masked_fill(filler, -100)
+            model = self.patcher.model
+            out.loss = model.loss_function(logits=out.logits, labels=labels,
+                                           vocab_size=model.config.text_config.vocab_size)
+        return out
 
     def _watching(self, idx) -> bool:
         return self.pending is not None and self.pending["cols"] is None

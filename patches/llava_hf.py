@@ -274,31 +274,7 @@ class LlavaHF(Patcher):
         self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop
         if k >= n:
             return original(**kw)
-        return self._run_llm(original, kw, image_mask, blocks, rows, n, k)
-
-    def _run_llm(self, original, kw, image_mask, blocks, rows, n, k):
-        """The LM call with the drop at layer K armed; ``n``/``k`` are handed to ``self.llm`` as they are."""
-        mask = kw.get("attention_mask")
-        # the query row is the prompt's last token; inside generate() without a cache the sequence
-        # grows, but the prompt (and so the choice) stays the same
-        length = image_mask.shape[1] if self._prompt_len is None else self._prompt_len
-        if is_right_padded(mask):
-            anchor = mask[:, :length].long().sum(1) - 1
-        else:
-            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
-        labels = kw.pop("labels", None)
-        self.llm.begin(image_mask, blocks, rows, anchor, n, k)
-        try:
-            out = original(**kw)
-            cols, filler = self.llm.pending["cols"], self.llm.pending.get("filler")
-        finally:
-            self.llm.end()
-        if labels is not None:  # the loss over the positions that reached the head (fillers count for none)
-            if cols is not None:
-                labels = labels.gather(1, cols) if filler is None else labels.gather(1, cols).masked_fill(filler, -100)
-            out.loss = self.model.loss_function(logits=out.logits, labels=labels,
-                                                vocab_size=self.model.config.text_config.vocab_size)
-        return out
+        return self.llm.run(original, kw, image_mask, blocks, rows, n, k, self._prompt_len)
 
     def _generate(self, original, kw):
         if not self.enabled or kw.get("pixel_values") is None:

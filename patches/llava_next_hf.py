@@ -366,7 +366,7 @@ class LlavaNextHF(LlavaHF):
         self.handle.last = [layout.record(r, torch.arange(layout.visual)) for r, layout in zip(rows, layouts)]
         if all(k >= layout.visual for k, layout in zip(ks, layouts)):
             return original(**kw)
-        return self._run_llm(original, kw, image_mask, blocks, rows, layouts, ks)
+        return self.llm.run(original, kw, image_mask, blocks, rows, layouts, ks, self._prompt_len)
 
     # -- damro: the hooks LlavaHF._contrast_session calls -----------------------------------------
     def _outlier_scores(self, kw):

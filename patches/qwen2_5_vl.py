@@ -517,37 +517,15 @@ class Qwen2_5_VL(Patcher):
 
     def _forward_llm(self, original, kw):
         """Full sequence in; image tokens leave at decoder layer K (hooks in patches/_llm.py)."""
-        ids, mask = kw.get("input_ids"), kw.get("attention_mask")
+        ids = kw.get("input_ids")
         grid_thw = kw.get("image_grid_thw", self._grid_thw)
         image_mask, blocks, rows, sizes, grids = self._image_blocks(ids, grid_thw, None)
         ks = [self.keep_count(n) for n in sizes]
-        if all(k >= n for k, n in zip(ks, sizes)):
-            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
-                                for r, n in zip(rows, sizes)]
-            return original(**kw)
-        length = image_mask.shape[1] if self._prompt_len is None else self._prompt_len
-        if is_right_padded(mask):
-            anchor = mask[:, :length].long().sum(1) - 1
-        else:
-            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
-        labels = kw.pop("labels", None)
         self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
                             for r, n in zip(rows, sizes)]  # until a drop
-        self.llm.begin(image_mask, blocks, rows, anchor, sizes, ks)
-        self.llm.pending["grids"] = grids
-        try:
-            out = original(**kw)
-            cols, filler = self.llm.pending["cols"], self.llm.pending.get("filler")
-        finally:
-            self.llm.end()
-        if labels is not None:  # the loss over the positions that reached the head (fillers excluded)
-            if cols is not None:
-                labels = labels.gather(1, cols)
-                if filler is not None:
-                    labels = labels.masked_fill(filler, -100)
-            out.loss = self.model.loss_function(logits=out.logits, labels=labels,
-                                                vocab_size=self.model.config.text_config.vocab_size)
-        return out
+        if all(k >= n for k, n in zip(ks, sizes)):
+            return original(**kw)
+        return self.llm.run(original, kw, image_mask, blocks, rows, sizes, ks, self._prompt_len, grids=grids)
 
     def _generate(self, original, kw):
         if self.enabled:
