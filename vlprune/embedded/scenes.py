@@ -36,6 +36,15 @@ QTYPES = ("color", "count", "exist", "where", "shape")
 SEEDS = {"train": 1, "test": 1_000_003, "val": 2_000_003}
 TEST_SIZE = 1000
 MARGIN = 8  # object centres keep this far from the midlines
+QUESTIONS = {  # the one wording of each question type: the held-out split and training share it
+    "color": "what color is the {shape} ?", "count": "how many {color} objects are there ?",
+    "exist": "is there a {color} {shape} ?", "where": "where is the {color} {shape} ?",
+    "shape": "what shape is the {color} object ?",
+}
+
+
+def question(qtype: str, color: str = "", shape: str = "") -> str:
+    return QUESTIONS[qtype].format(color=color, shape=shape)
 
 
 @dataclass
@@ -151,28 +160,28 @@ def _questions(objs, rng) -> list[QA]:
     unique_shape = [o for o in objs if shapes.count(o.shape) == 1]
     if unique_shape:
         o = unique_shape[rng.integers(len(unique_shape))]
-        qas.append(QA("color", f"what color is the {o.shape} ?", o.color))
+        qas.append(QA("color", question("color", shape=o.shape), o.color))
     c = list(COLORS)[rng.integers(len(COLORS))] if rng.random() < 0.25 else colors[rng.integers(len(colors))]
-    qas.append(QA("count", f"how many {c} objects are there ?", NUMBERS[colors.count(c)]))
+    qas.append(QA("count", question("count", c), NUMBERS[colors.count(c)]))
     pairs = {(o.color, o.shape) for o in objs}
     if rng.random() < 0.5:
         col, sh = sorted(pairs)[rng.integers(len(pairs))]
-        qas.append(QA("exist", f"is there a {col} {sh} ?", "yes"))
+        qas.append(QA("exist", question("exist", col, sh), "yes"))
     else:
         absent = [(col, sh) for col in COLORS for sh in SHAPES if (col, sh) not in pairs]
         # half of the "no" cases share the colour or the shape of an object, so one word is not enough
         near = [p for p in absent if p[0] in colors or p[1] in shapes]
         pool = near if near and rng.random() < 0.7 else absent
         col, sh = pool[rng.integers(len(pool))]
-        qas.append(QA("exist", f"is there a {col} {sh} ?", "no"))
+        qas.append(QA("exist", question("exist", col, sh), "no"))
     unique = [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1]
     if unique:
         o = unique[rng.integers(len(unique))]
-        qas.append(QA("where", f"where is the {o.color} {o.shape} ?", o.where))
+        qas.append(QA("where", question("where", o.color, o.shape), o.where))
     unique_color = [o for o in objs if colors.count(o.color) == 1]
     if unique_color:
         o = unique_color[rng.integers(len(unique_color))]
-        qas.append(QA("shape", f"what shape is the {o.color} object ?", o.shape))
+        qas.append(QA("shape", question("shape", o.color), o.shape))
     return qas
 
 

@@ -55,21 +55,21 @@ def scene_questions(objects, rng, k: int) -> list[tuple[str, str, str]]:
     from its ``[colour, shape, where]`` object list; as many "no" as "yes" existence questions, and counts
     of the colours present plus one absent colour."""
     colors, shapes = [o[0] for o in objects], [o[1] for o in objects]
-    out = [("color", f"what color is the {sh} ?", colors[shapes.index(sh)])
+    out = [("color", scenes.question("color", shape=sh), colors[shapes.index(sh)])
            for sh in scenes.SHAPES if shapes.count(sh) == 1]
     missing = [c for c in scenes.COLORS if c not in colors]  # one absent colour: "zero" stays a minority
     counted = sorted(set(colors)) + ([missing[rng.integers(len(missing))]] if missing else [])
-    out += [("count", f"how many {c} objects are there ?", scenes.NUMBERS[colors.count(c)]) for c in counted]
+    out += [("count", scenes.question("count", c), scenes.NUMBERS[colors.count(c)]) for c in counted]
     pairs = sorted({(c, sh) for c, sh, _ in objects})
     absent = [(c, sh) for c in scenes.COLORS for sh in scenes.SHAPES if (c, sh) not in pairs]
     no = [absent[j] for j in rng.choice(len(absent), min(len(pairs), len(absent)), replace=False)]
-    out += [("exist", f"is there a {c} {sh} ?", "yes") for c, sh in pairs]
-    out += [("exist", f"is there a {c} {sh} ?", "no") for c, sh in no]
+    out += [("exist", scenes.question("exist", c, sh), "yes") for c, sh in pairs]
+    out += [("exist", scenes.question("exist", c, sh), "no") for c, sh in no]
     for c, sh, where in objects:
         if sum(o[0] == c and o[1] == sh for o in objects) == 1:
-            out.append(("where", f"where is the {c} {sh} ?", where))
+            out.append(("where", scenes.question("where", c, sh), where))
         if colors.count(c) == 1:
-            out.append(("shape", f"what shape is the {c} object ?", sh))
+            out.append(("shape", scenes.question("shape", c), sh))
     pick = rng.permutation(len(out))[:k]
     return [out[j] for j in pick]
 
