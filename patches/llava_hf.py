@@ -85,7 +85,8 @@ class LlavaHF(Patcher):
         return layer % (len(self.layers) + 1) - 1
 
     def _install_in_encoder(self, method):
-        """Prune between encoder layers: a pre-hook on layer l+1 applies the decision made after layer l."""
+        """Prune between encoder layers: a pre-hook on layer l+1 runs the method's step for layer l (its
+        signals, tapped during layer l) and applies the cut it decides, if any."""
         self.feature_layer = self._feature_layer_index(method)
         self.plan = method.encoder_plan(self.feature_layer)
         if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
@@ -104,6 +105,8 @@ class LlavaHF(Patcher):
         hidden = args[0] if args else kwargs["hidden_states"]
         state = self._enc
         keep, state["score"] = self._encoder_step(layer, self.taps.take(), state)
+        if keep is None:  # the method only updated its running score
+            return None
         state["orig"] = state["orig"].gather(1, keep)
         patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         hidden = torch.cat([hidden[:, :1], patches], dim=1)
@@ -112,7 +115,7 @@ class LlavaHF(Patcher):
         return args, {**kwargs, "hidden_states": hidden}
 
     def _encoder_step(self, layer, signals, state):
-        """The method's prune after ``layer``: (indices of the current patch tokens to keep, new score)."""
+        """The method's step after ``layer``: (indices of the current patch tokens to keep or None, new score)."""
         return self.handle.method.encoder_step(layer, self.plan[-1] - layer, signals, state["score"], state["target"])
 
     def _select(self, feats):

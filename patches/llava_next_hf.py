@@ -328,10 +328,14 @@ class LlavaNextHF(LlavaHF):
         return view, to_visual[orig], feats[0], None, None
 
     def _encoder_step(self, layer, signals, state):
-        visible = state.pop("visible", None)
+        """Until the first cut the method sees only the unpadded tokens; its cut is mapped back to the view."""
+        visible = state.get("visible")
         if visible is None:
             return super()._encoder_step(layer, signals, state)
         keep, score = super()._encoder_step(layer, view_signals(signals, 0, visible), state)
+        if keep is None:
+            return None, score
+        state["visible"] = None
         return visible[keep], score
 
     def _pack(self, layout, kept, tokens):

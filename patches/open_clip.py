@@ -259,6 +259,8 @@ class OpenClipViT(Patcher):
         call = self._call
         keep, call["score"] = self.handle.method.encoder_step(
             layer, self.plan[-1] - layer, self.taps.take(), call["score"], call["k"])
+        if keep is None:  # the method only updated its running score
+            return None
         call["orig"] = call["orig"].gather(1, keep)
         patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         hidden = torch.cat([hidden[:, :1], patches], dim=1)

@@ -290,9 +290,10 @@ class Qwen2_5_VL(Patcher):
             layer = idx - 1
             keep, state["score"] = self.handle.method.encoder_step(
                 layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
-            keep = keep[0]
-            state["units"] = state["units"][keep]
-            hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
+            if keep is not None:
+                keep = keep[0]
+                state["units"] = state["units"][keep]
+                hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
         units = state["units"]
         patches = (units[:, None] * 4 + torch.arange(4, device=units.device)).reshape(-1)
         new = dict(kwargs)

@@ -105,8 +105,8 @@ class Method:
 
     # -- stage "in_encoder" only ------------------------------------------------------------------
     def encoder_plan(self, feature_layer: int) -> list[int]:  # pragma: no cover - abstract
-        """Ascending encoder layers after which the method prunes; ``feature_layer`` is the 0-based
-        layer whose output feeds the projector (the last plan entry must be ``< feature_layer``)."""
+        """Ascending encoder layers after which the method runs :meth:`encoder_step`; ``feature_layer`` is
+        the 0-based layer whose output feeds the projector (the last plan entry must be ``< feature_layer``)."""
         raise NotImplementedError
 
     def encoder_signals(self, layer: int) -> list[Signal]:
@@ -114,7 +114,8 @@ class Method:
         return []
 
     def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int):  # pragma: no cover
-        """Prune after ``layer``. Returns (indices of the current patch tokens to keep, ascending, (B, t');
-        new state aligned with them). ``remaining`` = plan layers' distance to the last one (0 = last:
-        must reach ``target`` patches). The patcher keeps [CLS] and runs one image at a time."""
+        """Look at ``layer``'s signals and maybe prune after it. Returns (indices of the current patch tokens
+        to keep, ascending, (B, t'), or None to keep them all; the new state, aligned with the survivors).
+        ``remaining`` = layers from ``layer`` to the last plan layer (0 = last: must reach ``target``
+        patches). The patcher keeps [CLS] and runs one image at a time."""
         raise NotImplementedError

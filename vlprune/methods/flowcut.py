@@ -1,13 +1,26 @@
 """FlowCut (NeurIPS 2025, arXiv 2505.19536): prune inside the vision encoder, following information flow.
 
-Every ``every`` layers up to the layer that feeds the projector, each patch gets a layer score
-(attention strength A + semantic relevance S) x information density D, accumulated across layers
-with an EMA, and the count to drop shrinks as the [CLS] attention gets flatter (entropy-adaptive):
-P = round((n - T) / sqrt(r) * (1 - (H / log n)^2)), r = layers until the last prune, n and T counted
-with [CLS]. The last prune layer drops straight to the budget, so later layers really run on k tokens.
-A = head-mean [CLS] row renormalised over patches; S = head-mean softmax of [CLS]-value . values,
-renormalised over patches; D = L1 norm of the head-mean value vector. Deviation: S is scaled by
-1/sqrt(head_dim) as in the paper's pseudocode; ``scale_semantic=False`` reproduces the released code.
+After every encoder layer up to the last prune layer (the one before the layer that feeds the
+projector), while more than the budget remain, each patch gets a layer score (attention strength A +
+semantic relevance S) x information density D, folded into a running score C <- ema*C + (1-ema)*score
+(the first layer's score starts it). Every ``every``-th layer counted back from the last prune layer,
+patches leave: keep the top C, with a count that shrinks as the [CLS] attention gets flatter
+(entropy-adaptive): P = round((N - T) / sqrt(r) * (1 - (H / H_max)^2)), N and T the current and target
+patch counts, r the layers left until the last prune, H the entropy of A; the last prune layer drops
+straight to the budget, so later layers really run on k tokens.
+A = head-mean [CLS] row renormalised over patches; S = head-mean softmax (over all tokens) of
+[CLS]-value . values, renormalised over patches; D = L1 norm of the head-mean value vector.
+
+By default this is what the released code selects (``TungChintao/FlowCut`` @ a2ecd24,
+``flowcut/modeling_clip_flowcut.py`` ``CLIPEncoderLayer_forward`` and ``flowcut/utils_flowcut.py``):
+the running score is updated at every layer, S is unscaled and H_max = log(number of patches).
+The paper agrees on the schedule (score every layer, EMA 0.5/0.5, cut every two layers) and defines
+H_max as the entropy of uniform attention, which over the patches A covers is the code's log(patches).
+Named options for where its pseudocode (Algorithm 1) reads otherwise: ``scale_semantic=True`` divides
+S's logits by sqrt(head_dim); ``entropy_max="tokens"`` normalises by log(patches + 1), its log(N) with
+N the sequence length counting [CLS] (this package's reading before it was checked against the code). Deliberate departure: with a batch the released code applies the
+largest count over its images to all of them, so an image's result depends on its batch-mates; here
+every image gets its own count (a batch equals its single runs).
 """
 from __future__ import annotations
 
@@ -21,27 +34,35 @@ from ..registry import register_method
 from ..select import topk_indices
 from .base import Context, Method, Selection, Signal
 
+ENTROPY_MAX = ("patches", "tokens")
+
 
 @register_method("flowcut")
 @dataclass
 class FlowCut(Method):
-    summary = "progressive in-encoder pruning by information flow (attention x value density, EMA)"
+    summary = "progressive in-encoder pruning by information flow (attention x value density, running score)"
     stage = "in_encoder"
     every: int = 2
     ema: float = 0.5
-    scale_semantic: bool = True
+    scale_semantic: bool = False
+    entropy_max: str = "patches"
 
     def __post_init__(self):
-        if not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise VlpruneError(f"every must be an int >= 1 (prune every n-th layer); got every={self.every!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise VlpruneError(f"ema must be in [0, 1) (weight of the previous cumulative score); got ema={self.ema!r}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
+            raise VlpruneError(f"ema must be a number in [0, 1) (weight of the previous running score); got ema={self.ema!r}")
+        if not isinstance(self.scale_semantic, bool):
+            raise VlpruneError(f"scale_semantic must be True or False; got scale_semantic={self.scale_semantic!r}")
+        if self.entropy_max not in ENTROPY_MAX:
+            raise VlpruneError(f"entropy_max must be one of {', '.join(map(repr, ENTROPY_MAX))} (log of the patch count, "
+                               f"or of patches + [CLS]); got entropy_max={self.entropy_max!r}")
 
     def encoder_plan(self, feature_layer: int) -> list[int]:
         last = feature_layer - 1
         if last < 0:
             raise VlpruneError("flowcut needs at least one encoder layer before the feature layer")
-        return sorted(range(last, -1, -self.every))
+        return list(range(last + 1))  # the running score is updated after every layer up to the last prune
 
     def encoder_signals(self, layer: int) -> list[Signal]:
         return [Signal("cls_attention", layer), Signal("values", layer), Signal("cls_value", layer)]
@@ -60,19 +81,29 @@ class FlowCut(Method):
         density = values.mean(1).abs().sum(-1)
         return (attn + sem) * density, attn
 
+    def prune_count(self, attn: torch.Tensor, remaining: int, target: int) -> int:
+        """Patches to drop now: the entropy-adaptive P of one image (a host value: it sets the next shape)."""
+        n = attn.shape[1]
+        if attn.shape[0] != 1:
+            raise RuntimeError("flowcut's adaptive counts are per image: the patcher must run one image at a time")
+        entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)[0]
+        h_max = math.log(n if self.entropy_max == "patches" else n + 1)
+        drop = ((n - target) / math.sqrt(remaining) * (1.0 - (entropy / h_max) ** 2)).round()
+        if not torch.isfinite(drop):
+            raise VlpruneError("flowcut got a non-finite [CLS] attention (NaN or inf in the image or the tower); "
+                               "check pixel_values")
+        return int(drop)  # host sync: the count decides the shape of every later layer
+
     def encoder_step(self, layer, remaining, signals, state, target):
+        n = signals[Signal("cls_attention", layer)].shape[-1]
+        if n <= target:  # already at the budget: the released code stops scoring too
+            return None, state
         score, attn = self.layer_score(layer, signals)
         cum = score if state is None else self.ema * state + (1.0 - self.ema) * score
-        n, t = attn.shape[1] + 1, target + 1  # counts include [CLS], as the paper's formula does
-        if remaining == 0:
-            new = t
-        else:
-            if attn.shape[0] != 1:
-                raise RuntimeError("flowcut's adaptive counts are per image: the patcher must run one image at a time")
-            entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)[0]
-            drop = round(float((n - t) / math.sqrt(remaining) * (1.0 - (entropy / math.log(n)) ** 2)))
-            new = max(n - drop, t)
-        keep = topk_indices(cum, new - 1)
+        if remaining % self.every:
+            return None, cum
+        new = target if remaining == 0 else max(n - self.prune_count(attn, remaining, target), target)
+        keep = topk_indices(cum, new)
         return keep, cum.gather(1, keep)
 
     def select(self, tokens, k, ctx: Context) -> Selection:  # pragma: no cover - never called for in_encoder
