@@ -150,7 +150,7 @@ def test_qwen2_5_vl_flops_match_a_hand_count():
     from test_qwen2_5_vl import build_qwen
 
     model = build_qwen()
-    inputs = geometries.qwen2_5_vl_inputs(model, 1, "cpu", torch.float32, (112, 112))
+    inputs = geometries.qwen2_5_vl_inputs(model, 1, model.device, torch.float32, (112, 112))
     L = inputs["input_ids"].shape[1]
     assert L == 1 + 20 + 1 + 16 + 1 + 30
     geo = _geometry("qwen2_5_vl")
@@ -216,7 +216,7 @@ def test_qwen2_5_vl_ideal_keeps_original_positions():
     from test_qwen2_5_vl import LMInputs, build_qwen
 
     model = build_qwen()
-    inputs = geometries.qwen2_5_vl_inputs(model, 2, "cpu", torch.float32, (112, 112))
+    inputs = geometries.qwen2_5_vl_inputs(model, 2, model.device, torch.float32, (112, 112))
     pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                         image_grid_thw=inputs["image_grid_thw"])
     rec = LMInputs(model)

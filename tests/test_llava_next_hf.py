@@ -309,7 +309,7 @@ def test_scores_are_each_views_own_cls_row_and_quotas_follow_unpadding(next_path
     for view, q in zip(layout.views, quotas):
         row = attn[view.index, view.local]
         torch.testing.assert_close(rec.scores[view.visual], row, rtol=1e-5, atol=1e-7)
-        want += view.visual[row.topk(q).indices].tolist()
+        want += view.visual[row.topk(q).indices.cpu()].tolist()
     assert rec.kept.tolist() == sorted(want)
 
 

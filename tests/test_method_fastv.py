@@ -61,7 +61,7 @@ def test_positions_of_survivors_stay_original(llava):
     start, length = 3, ids.shape[1]
     want_pos = list(range(start)) + [start + int(i) for i in h.last[0].kept] + list(range(start + 16, length))
     rotary = llava.model.language_model.rotary_emb
-    want_cos, _ = rotary(torch.zeros(1, 1, 64), torch.tensor([want_pos + [length]]))
+    want_cos, _ = rotary(torch.zeros(1, 1, 64, device=ids.device), torch.tensor([want_pos + [length]], device=ids.device))
     assert torch.equal(seen[0][0], want_cos[0, :-1])  # prefill: survivors at their original positions
     assert torch.equal(seen[1][0, -1], want_cos[0, -1])  # first decode step continues at the prompt's length
 
