@@ -15,7 +15,7 @@ from vlprune import signals as sig
 from vlprune.errors import VlpruneError
 from vlprune.methods.base import Signal
 
-QK_KINDS = ("cls_attention", "attention_received", "keys", "cls_query", "cls_key")
+QK_KINDS = ("cls_attention", "cls_attention_joint", "attention_received", "keys", "cls_query", "cls_key")
 V_KINDS = ("values", "cls_value")
 KINDS = QK_KINDS + V_KINDS
 
@@ -70,6 +70,8 @@ def qk_signal(kind: str, q, k, scale: float):
     """One signal from full (B, heads, 1+N, head_dim) queries and keys; [CLS] is token 0."""
     if kind == "cls_attention":
         return sig.cls_attention(q, k, scale)[..., 1:]
+    if kind == "cls_attention_joint":
+        return sig.joint_cls_attention(q, k)[..., 1:]
     if kind == "attention_received":
         return sig.attention_received(q, k, scale)[..., 1:]
     if kind == "keys":

@@ -58,7 +58,8 @@ class ContrastTaps:
         self.taps = ClipTaps(layers, [self.signal], ledger, lambda: self._live)
 
     def capture(self, encode):
-        """Run ``encode()`` (a tower pass) with the taps live: (its result, the head-mean [CLS] rows (views, N))."""
+        """Run ``encode()`` (a tower pass) with the taps live: (its result, the [CLS] rows (views, N) as the
+        decoder's ``scoring`` reads them, averaged over the signal's heads)."""
         self._live = True
         try:
             out = encode()

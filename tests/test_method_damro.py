@@ -70,7 +70,7 @@ def test_budget_belongs_to_the_prune_method(llava):
         vlprune.patch(llava, "damro", prune="fastervlm")
     with vlprune.pruned(llava, "damro", prune="fastervlm", keep=6, prune_options={"layer": -3}) as h:
         assert h.method.name == "fastervlm" and h.method.layer == -3 and h.decoder.name == "damro"
-        assert h.config.options == {"outliers": 10, "alpha": 2.0, "beta": 0.1, "layer": -2, "prune": "fastervlm",
+        assert h.config.options == {"outliers": 10, "alpha": 2.0, "beta": 0.1, "layer": -2, "scoring": "joint", "prune": "fastervlm",
                                     "prune_options": {"layer": -3}}
         assert vlprune.api.PatchConfig.from_dict(h.config.to_dict()) == h.config
 

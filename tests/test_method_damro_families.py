@@ -162,9 +162,11 @@ def test_alpha_zero_is_the_unpatched_generation(family):
 @pytest.mark.parametrize("budget", [{}, PRUNE], ids=["all-tokens", "fastervlm"])
 def test_combined_logits_are_the_formula_on_two_independent_passes(family, budget):
     """generate's raw logits at every step = DAMRO's formula on the full (pruned) pass and on the outlier-only
-    pass, both recomputed without the patch per prompt, unpadded; the outliers = top-k of an eager [CLS] row."""
+    pass, both recomputed without the patch per prompt, unpadded; the outliers = top-k of an eager [CLS] row
+    (head mean: ``scoring="head_mean"``; the default ranking is checked in test_released_damro.py)."""
     alpha, beta, k, steps = 1.5, 0.05, 4, 3
-    with vlprune.pruned(family.model, "damro", alpha=alpha, beta=beta, outliers=k, **budget) as h:
+    with vlprune.pruned(family.model, "damro", alpha=alpha, beta=beta, outliers=k, scoring="head_mean",
+                        **budget) as h:
         new, logits = family.contrasted(family.pair(), steps)
         records = h.last
     assert len(records) == 2 and all(len(r.outliers) == k for r in records)

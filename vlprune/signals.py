@@ -19,6 +19,14 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, query_index: i
     return torch.softmax(logits, dim=-1)
 
 
+def joint_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The [CLS] row with every head taken as one: softmax(q0 . k / sqrt(width)) over the full-width
+    (heads x head_dim) query and keys, (B, 1, N), in O(N). DAMRO's released code ranks outliers so."""
+    heads, dim = q.shape[1], q.shape[-1]
+    logits = torch.einsum("bhd,bhtd->bt", q[:, :, 0].float(), k.float()) / (heads * dim) ** 0.5
+    return torch.softmax(logits, dim=-1).unsqueeze(1)
+
+
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
     """Mean over queries (and heads kept apart) of the attention each key receives: (B, heads, N).
 

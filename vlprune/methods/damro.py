@@ -27,12 +27,12 @@ Options (defaults: the reference code's LLaVA-1.5 settings, its run scripts' and
 ``alpha`` = 2.0 (contrast strength; 0 turns the contrast off - generation is then the plain or pruned
 model's, bit for bit, as ratio 0 is the identity for pruning methods), ``beta`` = 0.1 (cut-off),
 ``layer`` = -2 (the encoder layer whose [CLS] attention row ranks the outliers: the layer LLaVA feeds
-on, as in the reference).
+on, as in the reference), ``scoring`` = "joint" (as the reference: the [CLS] row of one attention over
+the concatenated heads, full-width q . k scaled by 1/sqrt(hidden size); "head_mean" ranks by the
+per-head softmax rows averaged over heads, as FasterVLM reads them - on sharpened test towers the two
+share only 30-70 % of their outliers).
 
-Where we deviate from the reference code (none changes the formula):
-- outliers are ranked by the [CLS] row's softmax attention *averaged over heads* (as FasterVLM
-  reads it); the reference multiplies the concatenated multi-head q and k as if one head, scaled by
-  1/sqrt(hidden size). Both read the same layer; the rankings usually, not always, agree;
+Where we deviate from the reference code (neither changes the outlier set or the formula):
 - the outlier tokens reach the LM in raster order (the project's convention), not in descending
   score order;
 - the combined logits go through generate's logits processors (temperature, top-p, repetition
@@ -56,6 +56,9 @@ from ..registry import get_method, register_method
 from .base import Context, Method, Selection, Signal
 
 
+SCORING = {"joint": "cls_attention_joint", "head_mean": "cls_attention"}  # option -> the signal it reads
+
+
 @register_method("damro")
 @dataclass
 class DAMRO(Method):
@@ -68,6 +71,7 @@ class DAMRO(Method):
     alpha: float = 2.0
     beta: float = 0.1
     layer: int = -2
+    scoring: str = "joint"
     prune: str | None = None
     prune_options: dict | None = None
 
@@ -81,6 +85,9 @@ class DAMRO(Method):
                                f"got beta={self.beta!r}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise VlpruneError(f"layer must be an int (vision encoder layer, negative counts from the end); got layer={self.layer!r}")
+        if self.scoring not in SCORING:
+            raise VlpruneError(f"scoring must be one of {', '.join(map(repr, SCORING))} (the [CLS] row over the heads "
+                               f"taken as one, or their mean); got scoring={self.scoring!r}")
         if self.prune_options is not None and not isinstance(self.prune_options, dict):
             raise VlpruneError(f"prune_options must be a dict of the prune method's options; got prune_options={self.prune_options!r}")
         if self.prune is None:
@@ -110,11 +117,11 @@ class DAMRO(Method):
         return self.alpha > 0
 
     def signals(self) -> list[Signal]:
-        return [Signal("cls_attention", self.layer)]
+        return [Signal(SCORING[self.scoring], self.layer)]
 
     def choose(self, scores: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """The outlier tokens of one image: the top-``outliers`` of ``scores`` (N,) - the head-mean [CLS]
-        row - among ``allowed`` (ascending indices of the tokens the LM sees; None: all), ascending."""
+        """The outlier tokens of one image: the top-``outliers`` of ``scores`` (N,) - its [CLS] row, as
+        ``scoring`` reads it - among ``allowed`` (ascending indices of the tokens the LM sees; None: all), ascending."""
         if allowed is not None:
             scores = torch.full_like(scores, float("-inf")).index_copy(0, allowed, scores[allowed])
             k = min(self.outliers, len(allowed))
