@@ -34,10 +34,16 @@ def run(att_values, k, grid=(4, 4), seed=0, **options):
 
 def test_defaults_and_crop_counts():
     m = get_method("holov").create()
-    assert (m.crops, m.alpha, m.tau, m.layer, m.crops_1d, m.stage) == (None, 0.09, 1.0, -2, False, "projector")
+    assert (m.crops, m.alpha, m.tau, m.layer, m.crops_1d, m.reference_singleton_scale, m.stage) == (
+        None, 0.09, 1.0, -2, False, False, "projector")
     assert m.signals() == [ATT]
-    assert [m.crops_for(k, 576) for k in (192, 128, 64, 1)] == [5, 8, 16, 576]  # floor(1024 / k), at most N
-    assert m.crops_for(4, 16) == 16 and get_method("holov").create(crops=7).crops_for(64, 4) == 4
+    # int(1024 N / (576 k)) in [1, N]: the paper's floor(1024 / k) at N = 576, a function of k / N elsewhere
+    assert [m.crops_for(k, 576) for k in (192, 128, 64, 7, 1)] == [5, 8, 16, 146, 576]
+    assert [m.crops_for(k, 256) for k in (85, 57, 28, 7, 3, 1)] == [5, 7, 16, 65, 151, 256]
+    assert [m.crops_for(k, 2880) for k in (320, 2880)] == [16, 1]  # LLaVA-NeXT-sized, and no pruning
+    assert m.crops_for(4, 16) == 7 and m.crops_for(1, 16) == 16 and m.crops_for(16, 16) == 1
+    assert get_method("holov").create(crops=16).crops_for(7, 256) == 16  # the released LLaVA code's count
+    assert get_method("holov").create(crops=7).crops_for(64, 4) == 4
 
 
 def test_crop_layouts_2d_rectangles_and_1d_runs():
@@ -118,6 +124,17 @@ def test_1d_crops_are_raster_runs():
     assert run(att, 8, alpha=0.0, crops=4, crops_1d=True) == [0, 1, 3, 4, 5, 6, 9, 14]
 
 
+def test_reference_singleton_scale_starves_one_token_crops():
+    # 1 x 5 raster in 3 runs of 2, 2, 1 tokens; crop means 0.125 / 0.075 / 0.6 (alpha 0)
+    att = [0.1, 0.15, 0.05, 0.1, 0.6]
+    assert run(att, 1, grid=(1, 5), alpha=0.0, crops=3, crops_1d=True) == [4]
+    # the release scores crops of 2+ by attention x 1e3 but a one-token crop by its raw attention
+    assert run(att, 1, grid=(1, 5), alpha=0.0, crops=3, crops_1d=True, reference_singleton_scale=True) == [1]
+    # no one-token crop: the option changes nothing
+    assert run(att, 2, grid=(1, 5), crops=2, crops_1d=True, reference_singleton_scale=True) == run(
+        att, 2, grid=(1, 5), crops=2, crops_1d=True)
+
+
 @pytest.mark.parametrize("grid", [(4, 4), (5, 5), (3, 7)])
 def test_every_k_is_exact_and_batches_split(grid):
     n = grid[0] * grid[1]
@@ -141,6 +158,8 @@ def test_every_k_is_exact_and_batches_split(grid):
     ({"tau": 0}, "tau must be a finite number > 0"),
     ({"layer": "-2"}, "layer must be an int"),
     ({"crops_1d": 1}, "crops_1d must be True or False"),
+    ({"reference_singleton_scale": "yes"}, "reference_singleton_scale must be True or False"),
+    ({"reference_singleton_scale": 0}, "reference_singleton_scale must be True or False"),
 ])
 def test_bad_options(options, needle):
     with pytest.raises(vlprune.VlpruneError) as err:

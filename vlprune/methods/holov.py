@@ -3,9 +3,21 @@
 Top-k by attention piles the budget onto a few highlighted regions; HoloV cuts the grid into crops, scores
 each by its tokens' [CLS] attention plus the spread of their feature similarities, gives each crop a quota
 proportional to its score (floors, leftovers to the heaviest crops) and keeps its top tokens by attention.
-Deviations: crops are 2-D grid rectangles (``crops_1d=True``: the reference's contiguous raster chunks), and
-quota beyond a crop's size goes to the other crops by weight, so exactly k real tokens come out (the
-reference zero-pads; not reproduced). Default crops = max(1, 1024 // k), at most N (paper App. A.3).
+Checked against the released code (github.com/obananas/HoloV @ 1d2e65e, ``llava/model/utils.py`` L22-151,
+``llava/model/llava_arch.py`` L239; ``tests/test_released_holov.py``). Deliberate departures, each with the
+option that restores the release:
+
+- crops are 2-D grid rectangles; the reference cuts the raster into contiguous runs (``crops_1d=True``);
+- a one-token crop is scored on the same scale as the others; the reference scores the other crops by
+  attention x 1e3 and a one-token crop by its raw attention, so such crops (there are some once crops
+  exceed N/2) practically never get a token (``reference_singleton_scale=True``: one-token crops x 1e-3);
+- crop count: by default ``int(1024 N / (576 k))``, clamped to [1, N], the rule of the authors' Qwen2.5-VL
+  code (``qwen-model-HoloV/modeling_qwen2_5_vl.py`` L1916); it is the paper's ``1024 // k`` (App. A.3) at
+  LLaVA-1.5's N = 576 and depends only on the keep ratio k / N. The released LLaVA code fixes 16 crops
+  (with its fixed k = 64): ``crops=16``; ``crops=`` sets any fixed count (at most N are used);
+- quota beyond a crop's size goes to the other crops by weight, so exactly k real tokens come out (the
+  reference keeps the whole crop, drops the surplus and zero-pads to k; not reproduced);
+- the kept tokens stay in raster order (the reference emits them crop by crop, by attention within a crop).
 """
 from __future__ import annotations
 
@@ -86,6 +98,7 @@ def allocate(weights: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor
     for _ in range(sizes.shape[0] + 1):  # each round with a surplus fills at least one more crop
         over = (quotas - sizes).clamp(min=0)
         surplus = over.sum(-1)
+        # host sync: one flag per round, ends the loop once nothing overflows (usually after round 0)
         if not bool(surplus.any()):
             break
         quotas -= over
@@ -109,11 +122,13 @@ class HoloV(Method):
     tau: float = 1.0
     layer: int = -2
     crops_1d: bool = False
+    reference_singleton_scale: bool = False
 
     def __post_init__(self):
         c = self.crops
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise VlpruneError(f"crops must be an int >= 1, or None for max(1, 1024 // k); got {c!r}")
+            raise VlpruneError(
+                f"crops must be an int >= 1, or None for int(1024 * N / (576 * k)) clamped to [1, N]; got {c!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
                 math.isfinite(self.alpha) and self.alpha >= 0):
             raise VlpruneError(
@@ -126,12 +141,16 @@ class HoloV(Method):
                 f"layer must be an int encoder layer index (negative counts from the end), got {self.layer!r}")
         if not isinstance(self.crops_1d, bool):
             raise VlpruneError(f"crops_1d must be True or False, got {self.crops_1d!r}")
+        if not isinstance(self.reference_singleton_scale, bool):
+            raise VlpruneError(f"reference_singleton_scale must be True or False (True: one-token crops scored "
+                               f"x 1e-3, as in the released code), got {self.reference_singleton_scale!r}")
 
     def signals(self):
         return [Signal("cls_attention", self.layer)]
 
     def crops_for(self, k: int, n: int) -> int:
-        return min(n, self.crops if self.crops is not None else max(1, 1024 // k))
+        """Crops for k kept of n: ``crops`` if set, else int(1024 n / (576 k)) (1024 // k at n = 576); in [1, n]."""
+        return min(n, self.crops if self.crops is not None else max(1, (1024 * n) // (576 * k)))
 
     def select(self, tokens, k, ctx: Context) -> Selection:
         b, n, _ = tokens.shape
@@ -144,7 +163,10 @@ class HoloV(Method):
         attn = ctx.signals[Signal("cls_attention", self.layer)].mean(dim=1).float()  # (B, N)
 
         holistic = holistic_scores(tokens, attn, members, sizes, float(self.alpha))
-        crop_score = (holistic.sum(-1) / sizes).pow(self.tau)  # (B, C), >= 0
+        crop_score = holistic.sum(-1) / sizes  # (B, C), >= 0
+        if self.reference_singleton_scale:  # the release: attention x 1e3 in crops of 2+, raw in crops of 1
+            crop_score = crop_score * torch.where(sizes == 1, 1e-3, 1.0).to(crop_score.dtype)
+        crop_score = crop_score.pow(self.tau)
         total = crop_score.sum(-1, keepdim=True)
         weights = torch.where(total > 0, crop_score / total.clamp(min=torch.finfo(total.dtype).tiny), sizes / n)
         quotas = allocate(weights, sizes, k)
