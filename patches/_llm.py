@@ -105,10 +105,9 @@ class LLMPruning:
         none)."""
         mask = kw.get("attention_mask")
         length = image_mask.shape[1] if prompt_len is None else prompt_len
-        if is_right_padded(mask):
-            anchor = mask[:, :length].long().sum(1) - 1
-        else:
-            anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
+        anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
+        if mask is not None and mask.dim() == 2:  # right-padded rows end earlier
+            anchor = torch.where(is_right_padded(mask), mask[:, :length].long().sum(1) - 1, anchor)
         labels = kw.pop("labels", None)
         self.begin(image_mask, blocks, rows, anchor, n, k)
         self.pending.update(extra)
@@ -166,9 +165,10 @@ class LLMPruning:
             raise RuntimeError("the attention row of the anchor token was not captured at layer K-1")
         keep, records = self._choose(hidden, p.pop("attention"))
         counts = keep.sum(1)
-        width = int(counts.max())
+        sizes = counts.tolist()  # host sync: the survivors' count is the shape of every later layer
+        width = max(sizes)
         filler = None
-        if bool((counts != width).any()):
+        if min(sizes) != width:
             if not self.ragged:
                 raise VlpruneError(
                     f"method={self.method.name!r} prunes inside the LM and needs the same number of images in "
@@ -178,7 +178,7 @@ class LLMPruning:
             dropped = ~keep  # a shorter row keeps its first dropped positions, masked, as fillers
             filler = dropped & (dropped.long().cumsum(1) <= (width - counts).unsqueeze(1))
             keep = keep | filler
-        p["cols"] = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+        p["cols"] = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept, in order
         p["filler"] = None if filler is None else filler.gather(1, p["cols"])
         self.patcher.handle.last = records
         return p["cols"]
@@ -208,7 +208,7 @@ class LLMPruning:
         p = self.pending
         image = p["image_mask"].unsqueeze(1).float()  # (B, 1, L)
         mass = (p["attention"] * image).sum(-1).mean(1)  # head mean, per row
-        return bool((mass < self.threshold).all())
+        return bool((mass < self.threshold).all())  # host sync: the threshold decides at which layer to exit
 
     def _before_layer(self, idx, _module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

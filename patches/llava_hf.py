@@ -24,7 +24,7 @@ from vlprune.methods.base import Selection
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
-from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
+from vlprune.sequence import block_rows, compact, is_right_padded, keep_mask, placeholder_positions
 
 from ._clip import ClipTaps, encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
@@ -172,7 +172,7 @@ class LlavaHF(Patcher):
                 f"image features and placeholders do not match: {pixel_values.shape[0]} images in pixel_values, "
                 f"placeholders for {len(blocks)} images of {n} tokens each in the prompt"
             )
-        rows = [int(r) for r in torch.stack([b[0, 0] for b in blocks]).tolist()] if blocks else []
+        rows = block_rows(blocks)
         k = self.keep_count(n)
         if k >= n:  # the identity: nothing runs differently from the unpatched model
             full = torch.arange(n, device=image_mask.device)
@@ -271,7 +271,7 @@ class LlavaHF(Patcher):
             raise VlpruneError(
                 f"image features and placeholders do not match: {self._image_count(kw)} images given, "
                 f"placeholders for {len(blocks)} images of {n} tokens each in the prompt")
-        rows = [int(r) for r in torch.stack([b[0, 0] for b in blocks]).tolist()] if blocks else []
+        rows = block_rows(blocks)
         k = self.keep_count(n)
         full = torch.arange(n, device=image_mask.device)
         self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop

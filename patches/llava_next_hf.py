@@ -67,7 +67,7 @@ from vlprune.errors import VlpruneError
 from vlprune.methods.base import Context, Signal
 from vlprune.patcher import ImageRecord
 from vlprune.registry import register_patcher
-from vlprune.sequence import placeholder_positions
+from vlprune.sequence import block_rows, placeholder_positions
 
 from ._llm import LLMPruning
 from .llava_hf import LlavaHF
@@ -138,6 +138,7 @@ class Layout:
 
     def kept_offsets(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(offsets of the kept visual tokens, offsets of the newlines that survive with them)."""
+        # host sync: which high-res rows keep a token decides how many newlines (and so positions) the image keeps
         rows = ((kept[kept >= self.base] - self.base) // max(self.high[1], 1)).unique()
         return self.offsets(kept), self.base + rows * (self.high[1] + 1) + self.high[1]
 
@@ -158,9 +159,10 @@ def anyres_layout(size: tuple[int, int], pinpoints: tuple, image_px: int, side: 
     base = side * side
     views = [View(0, torch.arange(base), torch.arange(base), (side, side))]
     for i in range(rows * cols):
+        # host sync: none on a GPU - the layout is CPU tensors, computed once per image size (cached)
         at = (crop == i).nonzero().flatten()  # row-major in the unpadded grid = raster order inside the crop
         if len(at):
-            view_rows = (local[at] // side).unique().numel()
+            view_rows = (local[at] // side).unique().numel()  # host sync: none on a GPU (as above)
             views.append(View(i + 1, local[at], base + at, (view_rows, len(at) // view_rows)))
     return Layout(side, tuple(grid.shape), tuple(views), 1 + rows * cols)
 
@@ -239,9 +241,10 @@ class LlavaNextHF(LlavaHF):
             raise VlpruneError(f"image features and placeholders do not match: {pixel_values.shape[0]} images in "
                                f"pixel_values, {len(sizes)} in image_sizes")
         image_mask = self._image_mask(ids, embeds)
+        sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # host sync: layout metadata, read by HF too
         layouts = [self.layout(size) for size in sizes]
         blocks = placeholder_positions(image_mask, [layout.placeholders for layout in layouts])
-        rows = [int(b[0, 0]) for b in blocks]
+        rows = block_rows(blocks)
         return image_mask, layouts, blocks, rows
 
     def _prepare(self, kw: dict, generating: bool):
@@ -249,7 +252,8 @@ class LlavaNextHF(LlavaHF):
         image_mask, layouts, blocks, rows = self._images(kw)
         ks = [self.keep_count(layout.visual) for layout in layouts]
         if all(k >= layout.visual for k, layout in zip(ks, layouts)):  # the identity: run the model unchanged
-            self.handle.last = [layout.record(r, torch.arange(layout.visual)) for r, layout in zip(rows, layouts)]
+            self.handle.last = [layout.record(r, torch.arange(layout.visual, device=image_mask.device))
+                                for r, layout in zip(rows, layouts)]
             return kw, 0
         pixel_values = kw["pixel_values"]
         if pixel_values.dim() == 5:
@@ -367,7 +371,8 @@ class LlavaNextHF(LlavaHF):
     def _forward_llm(self, original, kw):
         image_mask, layouts, blocks, rows = self._images(kw)
         ks = [self.keep_count(layout.visual) for layout in layouts]
-        self.handle.last = [layout.record(r, torch.arange(layout.visual)) for r, layout in zip(rows, layouts)]
+        self.handle.last = [layout.record(r, torch.arange(layout.visual, device=image_mask.device))
+                                for r, layout in zip(rows, layouts)]
         if all(k >= layout.visual for k, layout in zip(ks, layouts)):
             return original(**kw)
         return self.llm.run(original, kw, image_mask, blocks, rows, layouts, ks, self._prompt_len)

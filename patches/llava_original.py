@@ -147,8 +147,9 @@ class LlavaOriginal(LlavaHF):
         n = self.patches_per_image
         rows, image = [], 0
         for r in range(ids.shape[0]):
+            # host sync: the original code builds this layout on the host, row by row (this line and the next)
             content = ids[r] if mask is None else ids[r][mask[r].bool()]
-            marks = (content == self.image_token).nonzero().flatten().tolist()
+            marks = (content == self.image_token).nonzero().flatten().tolist()  # host sync: as above
             if not marks:  # the original code consumes one image for a prompt without a placeholder
                 rows.append(_Row(torch.arange(content.shape[0], device=ids.device), [], content.shape[0]))
                 image += 1
@@ -173,7 +174,7 @@ class LlavaOriginal(LlavaHF):
 
     def _images_needed(self, ids, mask) -> int:
         counts = ((ids == self.image_token) & (mask.bool() if mask is not None else True)).sum(1)
-        return int(counts.clamp_min(1).sum())
+        return int(counts.clamp_min(1).sum())  # host sync: the original code counts images on the host too
 
     def _left_padded(self) -> bool:
         return getattr(self.model.config, "tokenizer_padding_side", "right") == "left"

@@ -52,6 +52,7 @@ one, and rows of a batch that keep different counts are evened out with masked f
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
@@ -61,7 +62,7 @@ from vlprune.errors import VlpruneError
 from vlprune.methods.base import Context, Selection, Signal
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
-from vlprune.sequence import compact, is_right_padded, keep_mask, placeholder_positions
+from vlprune.sequence import block_rows, compact, is_right_padded, keep_mask, placeholder_positions
 
 from ._clip import resolve_layer
 from ._llm import LLMPruning
@@ -114,7 +115,7 @@ def window_layout(grid_thw: torch.Tensor, vcfg) -> dict:
         grid_thw, spatial_merge_size=vcfg.spatial_merge_size, window_size=vcfg.window_size,
         patch_size=vcfg.patch_size)
     unit = vcfg.spatial_merge_size ** 2
-    patches = [int(p) for p in grid_thw.prod(-1).tolist()]
+    patches = [t * h * w for t, h, w in grid_thw.tolist()]  # host sync: layout metadata, as above
     window_index = window_index.to(grid_thw.device)
     return {"window_index": window_index, "reverse": window_index.argsort(), "cu_windows": cu_window.long() // unit,
             "patches": patches, "units": [p // unit for p in patches], "unit": unit}
@@ -173,7 +174,7 @@ class VisionTaps:
         heads = q.shape[1]
         if kind == "attention_received":
             received = torch.zeros(heads, q.shape[0], dtype=torch.float32, device=q.device)
-            edges = cu.tolist()
+            edges = cu.tolist()  # host sync: the block's segments (images or windows) bound its attention
             for start, end in zip(edges[:-1], edges[1:]):  # the block's own segments: image or window
                 if end > start:
                     qs, ks = q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None]
@@ -307,11 +308,11 @@ class Qwen2_5_VL(Patcher):
             sizes = torch.tensor([units.numel()], device=units.device)
         else:  # windows keep their surviving units; emptied windows vanish
             sizes = torch.bincount(state["window_of"][units], minlength=state["windows"])
-            sizes = sizes[sizes > 0]
+            sizes = sizes[sizes > 0]  # host sync: an emptied window leaves cu_seqlens (its length is a shape)
         cu = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
         new["cu_seqlens"] = cu
         if new.get("max_seqlen") is not None:
-            new["max_seqlen"] = int(sizes.max()) * 4
+            new["max_seqlen"] = int(sizes.max()) * 4  # host sync: flash attention takes the longest segment
         return args, new
 
     def _current_signals(self) -> dict:
@@ -338,14 +339,16 @@ class Qwen2_5_VL(Patcher):
         if grid_thw is None:
             raise VlpruneError("pass image_grid_thw (as the processor returns it) together with pixel_values")
         image_mask = ids == cfg.image_token_id
-        sizes = [int(s) for s in (grid_thw.prod(-1) // self.vcfg.spatial_merge_size ** 2).tolist()]
+        thw = grid_thw.tolist()  # host sync: the grids are layout metadata (the unpatched model reads them too)
+        sizes = [t * h * w // self.vcfg.spatial_merge_size ** 2 for t, h, w in thw]
         blocks = placeholder_positions(image_mask, sizes)
-        if n_patches is not None and n_patches != int(grid_thw.prod(-1).sum()):
+        described = sum(t * h * w for t, h, w in thw)
+        if n_patches is not None and n_patches != described:
             raise VlpruneError(f"image features and placeholders do not match: pixel_values hold {n_patches} "
-                               f"patches, image_grid_thw describes {int(grid_thw.prod(-1).sum())}")
-        rows = [int(b[0, 0]) for b in blocks]
-        grids = [(int(h) // 2, int(w) // 2) for _t, h, w in grid_thw.tolist()]
-        if any(int(t) != 1 for t in grid_thw[:, 0].tolist()):
+                               f"patches, image_grid_thw describes {described}")
+        rows = block_rows(blocks)
+        grids = [(h // 2, w // 2) for _t, h, w in thw]
+        if any(t != 1 for t, _h, _w in thw):
             raise VlpruneError("image_grid_thw with t > 1 (several frames per image) is not supported for pruning")
         return image_mask, blocks, rows, sizes, grids
 
@@ -431,7 +434,7 @@ class Qwen2_5_VL(Patcher):
         if self.handle.method.stage == "in_encoder":
             return self._encode_in_encoder(pixel_values, grid_thw, sizes, ks)
         layout = window_layout(grid_thw, self.vcfg)
-        self.taps.bounds = [0] + torch.tensor(layout["patches"]).cumsum(0).tolist()
+        self.taps.bounds = [0, *itertools.accumulate(layout["patches"])]
         self._busy = True
         try:
             out = self.inner.get_image_features(pixel_values, grid_thw, return_dict=True)
@@ -456,7 +459,7 @@ class Qwen2_5_VL(Patcher):
     @staticmethod
     def _raster_signals(raw: dict, layout) -> dict:
         """Per-image (1, ...) signals in raster order of each image's merged grid."""
-        edges = [0] + torch.tensor(layout["units"]).cumsum(0).tolist()
+        edges = [0, *itertools.accumulate(layout["units"])]
         out = {}
         for req, value in raw.items():
             if req.kind in PER_UNIT:
@@ -468,7 +471,7 @@ class Qwen2_5_VL(Patcher):
 
     def _encode_in_encoder(self, pixel_values, grid_thw, sizes, ks):
         """One image at a time (adaptive counts would make a batch ragged inside the tower)."""
-        chunks = pixel_values.split([int(p) for p in grid_thw.prod(-1).tolist()])
+        chunks = pixel_values.split([t * h * w for t, h, w in grid_thw.tolist()])  # host sync: layout metadata
         outputs, selections = [], []
         for i, (chunk, n, k) in enumerate(zip(chunks, sizes, ks)):
             grid = grid_thw[i : i + 1]
@@ -480,7 +483,7 @@ class Qwen2_5_VL(Patcher):
             layout = window_layout(grid, self.vcfg)
             windows = layout["cu_windows"]
             window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
-                                                windows[1:] - windows[:-1])
+                                                windows[1:] - windows[:-1], output_size=n)
             self._enc = {"units": torch.arange(n, device=chunk.device), "score": None, "target": k,
                          "total": n, "window_of": window_of.to(chunk.device), "windows": len(windows) - 1}
             self._busy = True

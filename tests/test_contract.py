@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import families
+import syncs
 import vlprune
 from vlprune.budget import Budget
 from vlprune.registry import _PATCHERS, get_method
@@ -333,3 +334,23 @@ def test_forward_with_labels_shortens_labels(llava, method):
     logits = out.logits.float()
     want = torch.nn.functional.cross_entropy(logits[0, :-1], short[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+
+
+# -- no unexplained host synchronisation ------------------------------------------------------------
+DECODING = [pytest.param(fam, m, id=f"{fam}-{m}") for fam in ("llava_hf", "llava_next_hf", "llava_original")
+            for m in METHODS if not getattr(get_method(m), "prunes", True)]
+
+
+@pytest.mark.parametrize("fam,method", PAIRS + DECODING, indirect=["fam"])
+def test_no_host_sync_that_does_not_say_why(fam, method):
+    """A pruned forward (and generate) of a two-prompt batch: every syncing call (``.item()``, ``.tolist()``,
+    ``bool(t)``, ``nonzero()``, a boolean-mask index, ...) made by vlprune's own code carries a ``# host
+    sync:`` comment saying why the method or the shortened call needs it (tests/syncs.py). On a GPU,
+    ``torch.cuda.set_sync_debug_mode`` is the complete check; this one runs everywhere."""
+    inp = fam.pair()
+    recorder = syncs.SyncRecorder()
+    with vlprune.pruned(fam.model, method, **patch_kw(fam, method, ratio=0.75)):
+        with recorder:
+            fam.forward(inp)
+            fam.generate(inp, max_new_tokens=2)
+    assert not recorder.unexplained(), "\n".join(recorder.unexplained())

@@ -14,7 +14,7 @@ from .errors import VlpruneError
 
 def placeholder_positions(image_mask: torch.Tensor, per_image: list[int] | int) -> list[torch.Tensor]:
     """Split the (row, col) placeholder positions, in row-major order, into one block per image."""
-    pos = image_mask.nonzero()
+    pos = image_mask.nonzero()  # host sync: where the images sit decides every shape of the shortened call
     sizes = [per_image] * (pos.shape[0] // per_image) if isinstance(per_image, int) else list(per_image)
     if sum(sizes) != pos.shape[0] or (isinstance(per_image, int) and pos.shape[0] % per_image):
         want = sum(sizes) if not isinstance(per_image, int) else f"a multiple of {per_image}"
@@ -23,6 +23,13 @@ def placeholder_positions(image_mask: torch.Tensor, per_image: list[int] | int) 
             f"tokens, the images need {want} (check that the processor expanded each image token)"
         )
     return list(pos.split(sizes))
+
+
+def block_rows(blocks: list[torch.Tensor]) -> list[int]:
+    """The prompt row of each image block (its record names it)."""
+    if not blocks:
+        return []
+    return torch.stack([b[0, 0] for b in blocks]).tolist()  # host sync: one small copy, after the placeholder search
 
 
 def keep_mask(image_mask: torch.Tensor, blocks: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:
@@ -34,30 +41,35 @@ def keep_mask(image_mask: torch.Tensor, blocks: list[torch.Tensor], kept: list[t
     return keep
 
 
-def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
-    return attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask[:, -1] == 0).any())
+def is_right_padded(attention_mask: torch.Tensor | None) -> torch.Tensor | bool:
+    """Whether the batch is padded on the right (some row's last position is padding): a 0-d bool
+    tensor, left on the device, or False without a 2-D mask."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    return (attention_mask[:, -1] == 0).any()
 
 
-def compact(keep: torch.Tensor, tensors: dict, right_padded: bool) -> dict:
-    """Apply ``keep`` (B, L) to each ``name -> (tensor (B, L, ...), pad_value)``; None values pass through."""
+def compact(keep: torch.Tensor, tensors: dict, right_padded: torch.Tensor | bool) -> dict:
+    """Apply ``keep`` (B, L) to each ``name -> (tensor (B, L, ...), pad_value)``; None values pass through.
+
+    Rows that keep fewer positions than the longest are re-padded on the side ``right_padded`` says
+    (an attention mask is made for them if the caller gave none). Positions move by one scatter, so the
+    only host synchronisation is the new length."""
     b, _ = keep.shape
     counts = keep.sum(1)
-    new_len = int(counts.max())
-    out = {}
-    if bool((counts == new_len).all()):
-        for name, (t, _pad) in tensors.items():
-            out[name] = None if t is None else t[keep].view(b, new_len, *t.shape[2:])
-        return out
-    if "attention_mask" in tensors and tensors["attention_mask"][0] is None:  # re-padding needs a mask
+    totals = torch.stack([counts.max(), counts.min()]).tolist()  # host sync: the new length is the new shape
+    new_len, ragged = totals[0], totals[0] != totals[1]
+    if ragged and "attention_mask" in tensors and tensors["attention_mask"][0] is None:
         tensors = {**tensors, "attention_mask": (torch.ones_like(keep, dtype=torch.long), 0)}
     rank = keep.long().cumsum(1) - 1
-    dest = rank if right_padded else rank + (new_len - counts).unsqueeze(1)
-    rows = torch.arange(b, device=keep.device).unsqueeze(1).expand_as(keep)
+    shift = torch.where(torch.as_tensor(right_padded, device=keep.device), 0, new_len - counts).unsqueeze(1)
+    dest = torch.where(keep, rank + shift, new_len)  # dropped positions land in a spare last slot
+    out = {}
     for name, (t, pad) in tensors.items():
         if t is None:
             out[name] = None
             continue
-        new = torch.full((b, new_len, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
-        new[rows[keep], dest[keep]] = t[keep]
-        out[name] = new
+        index = dest.view(b, -1, *[1] * (t.dim() - 2)).expand_as(t)
+        new = torch.full((b, new_len + 1, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
+        out[name] = new.scatter_(1, index, t)[:, :new_len].contiguous()
     return out

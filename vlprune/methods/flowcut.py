@@ -89,10 +89,11 @@ class FlowCut(Method):
         entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)[0]
         h_max = math.log(n if self.entropy_max == "patches" else n + 1)
         drop = ((n - target) / math.sqrt(remaining) * (1.0 - (entropy / h_max) ** 2)).round()
-        if not torch.isfinite(drop):
+        drop = drop.item()  # host sync: the count decides the shape of every later layer
+        if not math.isfinite(drop):
             raise VlpruneError("flowcut got a non-finite [CLS] attention (NaN or inf in the image or the tower); "
                                "check pixel_values")
-        return int(drop)  # host sync: the count decides the shape of every later layer
+        return int(drop)
 
     def encoder_step(self, layer, remaining, signals, state, target):
         n = signals[Signal("cls_attention", layer)].shape[-1]

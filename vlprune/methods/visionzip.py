@@ -4,6 +4,8 @@ The k outputs split into ``k - c`` dominant and ``c = floor(k * contextual_ratio
 (at least one dominant); the default 10/64 is the README's 54 + 10 split of 64. Deviation: the reference
 spends one dominant slot on the [CLS] token itself; our patchers hand over patch tokens only, so all k
 outputs are patch-based (the top ``k - c`` patches, not ``k - c - 1`` plus [CLS]); no option restores it.
+Outputs come in raster order of the patch each stands for (the reference: [CLS] and the dominant tokens in
+raster order, then the contextual tokens).
 """
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ class VisionZip(Method):
         rest = torch.where(is_dom, arange + n, arange).sort(dim=-1).values[:, : n - n_dom]
         r = rest.shape[1]
         step = max(1, r // n_ctx)
-        picked = torch.zeros(r, dtype=torch.bool, device=tokens.device)
-        picked[torch.arange(0, r, step, device=tokens.device)[:n_ctx]] = True
-        targets, members = rest[:, picked], rest[:, ~picked]  # (B, c), (B, R - c)
+        slots = torch.arange(r, device=tokens.device)
+        picked = (slots % step == 0) & (slots < step * n_ctx)  # every step-th, the first c of them
+        members_at = torch.sort(picked.to(torch.int8), stable=True).indices[: r - n_ctx]  # the others, in order
+        targets, members = rest[:, slots[::step][:n_ctx]], rest[:, members_at]  # (B, c), (B, R - c)
 
         keys = F.normalize(ctx.signals[Signal("keys", self.layer)].mean(dim=1), dim=-1)  # (B, N, hd)
         sim = per_image(torch.matmul, gather_tokens(keys, members), gather_tokens(keys, targets).transpose(1, 2))

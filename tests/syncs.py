@@ -1,0 +1,66 @@
+"""Find host synchronisations that vlprune's own code makes, on the CPU.
+
+On a GPU, ``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero()``, a boolean-mask index and their kin
+stall the host until the device catches up. A ``TorchFunctionMode`` sees every such call; the one whose
+innermost non-torch caller is a file of vlprune (the core or the patchers) is recorded with that file and
+line. Calls made by transformers or the original model code are theirs: the unpatched model makes them
+too. A place that needs its sync (a count that sets a shape, say) says so in a ``# host sync:`` comment
+on that line or the one above; ``unexplained()`` lists the others.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import vlprune
+import vlprune.patches
+
+ROOTS = tuple(str(Path(p).resolve()) + os.sep for p in (Path(vlprune.__file__).parent,
+                                                        Path(vlprune.patches.__file__).parent))
+TORCH = str(Path(torch.__file__).parent.resolve()) + os.sep
+SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere", "unique",
+           "unique_consecutive", "masked_select", "equal", "allclose", "cpu", "numpy", "__array__"}
+MARKER = "# host sync:"
+
+
+def _bool_index(args) -> bool:
+    idx = args[1] if len(args) > 1 else None
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    return any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts)
+
+
+class SyncRecorder(TorchFunctionMode):
+    """Records (file, line, call) for each syncing call whose innermost non-torch caller is vlprune's."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[tuple[str, int], str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        syncing = name in SYNCING or (name in ("__getitem__", "__setitem__") and _bool_index(args)) or (
+            name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
+            and (kwargs or {}).get("output_size") is None)
+        if syncing:
+            frame = sys._getframe(1)
+            while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(TORCH):
+                frame = frame.f_back
+            if frame is not None:
+                path = os.path.realpath(frame.f_code.co_filename)
+                if path.startswith(ROOTS):
+                    self.sites.setdefault((path, frame.f_lineno), name)
+        return func(*args, **(kwargs or {}))
+
+    def unexplained(self) -> list[str]:
+        """Sites without a ``# host sync:`` comment on their line or the line above, as 'file:line call: code'."""
+        out = []
+        for (path, line), name in sorted(self.sites.items()):
+            here, above = linecache.getline(path, line), linecache.getline(path, line - 1)
+            if MARKER not in here and MARKER not in above:
+                out.append(f"{Path(path).relative_to(Path(path).parents[1])}:{line} {name}: {here.strip()}")
+        return out
