@@ -47,7 +47,7 @@ def signals_of(cls) -> str:
     method = cls.create()
     if cls.stage == "in_encoder":
         kinds = ", ".join(dict.fromkeys(s.kind for s in method.encoder_signals(0)))
-        return f"{kinds} at every pruning layer"
+        return f"{kinds} after every encoder layer up to the last cut"
     return ", ".join(f"{s.kind}@{s.layer}" for s in method.signals()) or "-"
 
 
