@@ -31,6 +31,8 @@ class Signal:
 
     - ``cls_attention`` (B, heads, N): the [CLS] query's softmax attention over the patch keys
       (softmax taken over all keys, [CLS] included; not renormalised).
+    - ``cls_attention_joint`` (B, 1, N): the [CLS] row with all heads taken as one head: softmax over all
+      keys of the full-width query . keys / sqrt(width) (DAMRO's released ranking).
     - ``attention_received`` (B, heads, N): for each patch key, the attention it receives, averaged
       over every query ([CLS] included); computed in query chunks, never N x N at once.
     - ``keys`` / ``values`` (B, heads, N, head_dim): the patch tokens' keys / values.
