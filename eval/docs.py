@@ -17,7 +17,7 @@ import vlprune
 from vlprune import registry
 
 README = Path(__file__).resolve().parent.parent / "README.md"  # the source checkout (editable install)
-BLOCKS = ("methods-table", "models-table", "support-table")
+BLOCKS = ("methods-table", "released-table", "models-table", "support-table")
 
 
 def _doc_line(obj) -> str:
@@ -60,6 +60,18 @@ def methods_table() -> str:
         opts = ", ".join(f"`{f.name}={f.default!r}`" for f in dataclasses.fields(cls)) or "-"
         lines.append(f"| `{name}` | {source} | {summary} | {cls.stage} | {signals_of(cls)} | {opts} | "
                      f"{REPORTED.get(name, '-')} |")
+    return "\n".join(lines)
+
+
+def released_table() -> str:
+    """Per method: the authors' code it was checked against, how its defaults differ, and the test that checks."""
+    tests = README.parent / "tests"
+    lines = ["| method | released code read | by default | checked by |", "|---|---|---|---|"]
+    for name in vlprune.methods():
+        cls = registry.get_method(name)
+        test = f"tests/test_released_{name}.py"
+        checked = f"`{test}`" if (tests / f"test_released_{name}.py").is_file() else "-"
+        lines.append(f"| `{name}` | {cls.released_code} | {cls.released} | {checked} |")
     return "\n".join(lines)
 
 
@@ -110,7 +122,8 @@ def support_table() -> str:
 
 def render_tables() -> dict[str, str]:
     """Marker name -> the Markdown table that belongs between that marker pair."""
-    return {"methods-table": methods_table(), "models-table": models_table(), "support-table": support_table()}
+    return {"methods-table": methods_table(), "released-table": released_table(), "models-table": models_table(),
+            "support-table": support_table()}
 
 
 def _pattern(name: str) -> re.Pattern:

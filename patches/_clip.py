@@ -66,10 +66,13 @@ def heads(x, attn):
     return x.view(b, t, _num_heads(attn), attn.head_dim).transpose(1, 2)
 
 
-def qk_signal(kind: str, q, k, scale: float):
-    """One signal from full (B, heads, 1+N, head_dim) queries and keys; [CLS] is token 0."""
+def qk_signal(kind: str, q, k, scale: float, key_mask=None):
+    """One signal from full (B, heads, 1+N, head_dim) queries and keys; [CLS] is token 0. ``key_mask``
+    (B, 1+N) marks the real keys of a padded batch (only in-encoder methods' [CLS] rows meet one)."""
+    if key_mask is not None and kind != "cls_attention":
+        raise VlpruneError(f"signal kind {kind!r} cannot be read from a padded batch (only cls_attention can)")
     if kind == "cls_attention":
-        return sig.cls_attention(q, k, scale)[..., 1:]
+        return sig.cls_attention(q, k, scale, key_mask=key_mask)[..., 1:]
     if kind == "cls_attention_joint":
         return sig.joint_cls_attention(q, k)[..., 1:]
     if kind == "attention_received":
@@ -84,9 +87,13 @@ def qk_signal(kind: str, q, k, scale: float):
 
 
 class ClipTaps:
-    def __init__(self, layers, requests: list[Signal], ledger, enabled):
+    """Forward hooks computing ``requests`` on ``layers`` while ``enabled()``; ``key_mask()``, if given,
+    returns the (B, 1+N) real keys of a padded batch (or None) for the [CLS] rows."""
+
+    def __init__(self, layers, requests: list[Signal], ledger, enabled, key_mask=None):
         self.values: dict[Signal, object] = {}
         self._enabled = enabled
+        self._key_mask = key_mask or (lambda: None)
         by_layer: dict[int, list[Signal]] = {}
         for req in requests:
             if req.kind not in KINDS:
@@ -116,8 +123,9 @@ class ClipTaps:
             if q is None or not self._enabled():
                 return
             q, k = heads(q, attn), heads(output, attn)
+            mask = self._key_mask()
             for req in reqs:
-                self.values[req] = qk_signal(req.kind, q, k, _scale(attn))
+                self.values[req] = qk_signal(req.kind, q, k, _scale(attn), mask)
 
         return hook
 

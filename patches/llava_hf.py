@@ -4,7 +4,9 @@ How a pruned call runs (``forward`` or ``generate`` with ``pixel_values``):
 1. the vision tower runs once, unchanged; q/k hooks compute only the signals the method asked for;
 2. a pre-hook on the projector hands the ``vision_feature_layer`` patch features to the method and
    passes only the k survivors on, so the projector runs on k tokens (methods of stage "projector"
-   select in a post-hook among the projected features instead);
+   select in a post-hook among the projected features instead; methods of stage "in_encoder" cut
+   between encoder layers, the whole batch at once: images that keep different counts are padded to
+   the longest, real tokens first, and the padding is masked in attention and in the signals);
 3. the LM sequence is rebuilt with k placeholders per image (ids or embeddings, attention mask,
    labels, position ids and every other per-position tensor shortened with one keep mask), and the
    original ``forward``/``generate`` runs on it with the projected survivors as ``mm_encoder_outputs``.
@@ -23,8 +25,16 @@ from vlprune.errors import VlpruneError
 from vlprune.methods.base import Selection
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
-from vlprune.select import grid_shape
-from vlprune.sequence import block_rows, compact, is_right_padded, keep_mask, placeholder_positions
+from vlprune.select import gather_tokens, grid_shape
+from vlprune.sequence import (
+    block_rows,
+    compact,
+    is_right_padded,
+    keep_mask,
+    padding_mask,
+    placeholder_positions,
+    real_tokens,
+)
 
 from ._clip import ClipTaps, encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
@@ -93,30 +103,51 @@ class LlavaHF(Patcher):
             raise VlpruneError(f"method={method.name!r} planned prune layers {self.plan}, which must lie in "
                                f"0..{self.feature_layer - 1} (before the feature layer {self.feature_layer})")
         requests = [sig for l in self.plan for sig in method.encoder_signals(l)]
-        self.taps = ClipTaps(self.layers, requests, self.ledger, lambda: self._busy)
+        self.taps = ClipTaps(self.layers, requests, self.ledger, lambda: self._busy, key_mask=self._real_keys)
         for l in self.plan:
             hook = functools.partial(self._between_layers, l)
             self.ledger.hook(self.layers[l + 1].register_forward_pre_hook(hook, with_kwargs=True))
 
     # -- hooks ------------------------------------------------------------------------------------
     def _between_layers(self, layer, _module, args, kwargs):
+        """Before layer ``layer`` + 1: the method's step on ``layer``'s signals, its cut applied to the
+        hidden states, and, while a batch's images keep different counts, their padding masked."""
         if not self._busy:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         state = self._enc
-        keep, state["score"] = self._encoder_step(layer, self.taps.take(), state)
-        if keep is None:  # the method only updated its running score
+        keep, state["score"], counts = self._encoder_step(layer, self.taps.take(), state)
+        if keep is not None:
+            state["orig"], state["counts"] = state["orig"].gather(1, keep), counts
+            hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
+        mask = padding_mask(state["counts"], hidden)
+        if keep is None and mask is None:  # the method only updated its running score
             return None
-        state["orig"] = state["orig"].gather(1, keep)
-        patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        hidden = torch.cat([hidden[:, :1], patches], dim=1)
+        if len(args) >= 2:  # CLIP / DINOv2 layers take (hidden_states, attention_mask, ...)
+            return (hidden, mask if mask is not None else args[1], *args[2:]), kwargs
+        kwargs = {**kwargs, **({"attention_mask": mask} if mask is not None else {})}
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
     def _encoder_step(self, layer, signals, state):
-        """The method's step after ``layer``: (indices of the current patch tokens to keep or None, new score)."""
-        return self.handle.method.encoder_step(layer, self.plan[-1] - layer, signals, state["score"], state["target"])
+        """The method's step after ``layer``: (indices of the current patch tokens to keep or None, new
+        score, real tokens per image)."""
+        return self.handle.method.encoder_step(layer, self.plan[-1] - layer, signals, state["score"],
+                                               state["target"], state["counts"])
+
+    def _real_keys(self):
+        """The real tokens ([CLS] included) of the hidden states now entering a layer, or None if unpadded."""
+        state = self._enc
+        if not state or state["counts"] is None:
+            return None
+        return real_tokens(state["counts"], state["orig"].shape[1], state["orig"].device)
+
+    @staticmethod
+    def _encoder_state(n: int, batch: int, k: int, device) -> dict:
+        """A call's in-encoder state: each image's surviving patch indices, the method's score, the target,
+        and the real tokens per image (None while every image keeps the same count)."""
+        return {"orig": torch.arange(n, device=device).expand(batch, -1), "score": None, "target": k, "counts": None}
 
     def _select(self, feats):
         if self.handle.method.stage == "in_encoder":  # already pruned inside the encoder
@@ -218,28 +249,17 @@ class LlavaHF(Patcher):
         return kw, length - new_len
 
     def _encode(self, pixel_values, layer, strategy, n, k):
-        """Vision tower + selection + projector; in-encoder methods run one image at a time (their
-        adaptive counts would make a batch ragged inside the encoder)."""
-        chunks = pixel_values.split(1) if self.handle.method.stage == "in_encoder" else [pixel_values]
-        outputs, selections = [], []
-        for chunk in chunks:
-            self._busy = True
-            self._enc = {"orig": torch.arange(n, device=chunk.device).expand(chunk.shape[0], -1),
-                         "score": None, "target": k}
-            try:
-                outputs.append(self.inner.get_image_features(
-                    pixel_values=chunk, vision_feature_layer=layer,
-                    vision_feature_select_strategy=strategy, return_dict=True,
-                ))
-                selections.append(self._selection)
-            finally:
-                self._busy, self._selection, self._enc = False, None, None
-                self.taps.take()
-        if len(outputs) == 1:
-            return outputs[0], selections[0]
-        feats = outputs[0]
-        feats.pooler_output = [f for out in outputs for f in out.pooler_output]
-        return feats, Selection(torch.cat([s.indices for s in selections]))
+        """Vision tower + selection + projector, on the whole batch (in-encoder methods whose images keep
+        different counts pad them inside the tower; see ``_between_layers``)."""
+        self._busy = True
+        self._enc = self._encoder_state(n, pixel_values.shape[0], k, pixel_values.device)
+        try:
+            feats = self.inner.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                  vision_feature_select_strategy=strategy, return_dict=True)
+            return feats, self._selection
+        finally:
+            self._busy, self._selection, self._enc = False, None, None
+            self.taps.take()
 
     def _forward(self, original, kw):
         if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted

@@ -321,7 +321,7 @@ class LlavaNextHF(LlavaHF):
         """One view through the tower with in-encoder pruning to q tokens; its first prune picks among
         the tokens unpadding leaves."""
         n = self.side * self.side
-        self._enc = {"orig": torch.arange(n, device=pixels.device).unsqueeze(0), "score": None, "target": q,
+        self._enc = {**self._encoder_state(n, 1, q, pixels.device),
                      "visible": None if len(view.local) == n else view.local.to(pixels.device)}
         feats, _ = self._tower(pixels.unsqueeze(0), layer)
         orig, self._enc = self._enc["orig"][0], None
@@ -336,11 +336,11 @@ class LlavaNextHF(LlavaHF):
         visible = state.get("visible")
         if visible is None:
             return super()._encoder_step(layer, signals, state)
-        keep, score = super()._encoder_step(layer, view_signals(signals, 0, visible), state)
+        keep, score, counts = super()._encoder_step(layer, view_signals(signals, 0, visible), state)
         if keep is None:
-            return None, score
+            return None, score, None
         state["visible"] = None
-        return visible[keep], score
+        return visible[keep], score, counts
 
     def _pack(self, layout, kept, tokens):
         """The image's features as the LM receives them: kept tokens, a newline after each non-empty row."""

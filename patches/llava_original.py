@@ -10,7 +10,7 @@ surgery of ours: the survivors simply arrive shorter. The pieces, all instance-l
 
 - stages encoder / projector / in_encoder: the same CLIP q/k/v taps and projector hooks as HF LLaVA-1.5
   (``patches/llava_hf.py``, which this subclasses); a wrapper of ``encode_images`` arms them only inside
-  ``prepare_inputs_labels_for_multimodal`` (in_encoder methods run one image at a time);
+  ``prepare_inputs_labels_for_multimodal`` (in_encoder methods run on the batch, padded as there);
 - stage llm: the full sequence is built as unpatched; a wrapper of ``prepare_inputs_labels_for_multimodal``
   locates every image's N positions in it and arms ``patches/_llm.py`` for the LM call that follows;
 - ``positions="original"``: the same wrapper hands back the position ids the unpatched model would have
@@ -267,27 +267,24 @@ class LlavaOriginal(LlavaHF):
         return None, pos, attn, past, embeds, None  # the loss is taken after the drop (in _forward)
 
     def _encode_images(self, original, kw):
-        """Inside a pruned splice: arm the taps and hooks; in-encoder methods go one image at a time.
-        Features handed over by damro (``self._features``) are returned instead, once."""
+        """Inside a pruned splice: arm the taps and hooks for the batch of images. Features handed over by
+        damro (``self._features``) are returned instead, once."""
         features, self._features = self._features, None
         if features is not None:
             return features
         if not self._in_prepare:
             return original(**kw)
         images = kw["images"]
-        chunks = images.split(1) if self.handle.method.stage == "in_encoder" else [images]
-        feats = []
-        for chunk in chunks:
-            self._busy = True
-            self._enc = {"orig": torch.arange(self.patches_per_image, device=chunk.device).expand(chunk.shape[0], -1),
-                         "score": None, "target": self.keep_count(self.patches_per_image)}
-            try:
-                feats.append(original(images=chunk))
-                self._selections.append(self._selection)
-            finally:
-                self._busy, self._selection, self._enc = False, None, None
-                self.taps.take()
-        return feats[0] if len(feats) == 1 else torch.cat(feats)
+        self._busy = True
+        self._enc = self._encoder_state(self.patches_per_image, images.shape[0],
+                                        self.keep_count(self.patches_per_image), images.device)
+        try:
+            feats = original(images=images)
+            self._selections.append(self._selection)
+            return feats
+        finally:
+            self._busy, self._selection, self._enc = False, None, None
+            self.taps.take()
 
     def _forward(self, original, kw):
         if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted

@@ -257,7 +257,7 @@ class OpenClipViT(Patcher):
             return None
         hidden = args[0] if args else kwargs["q_x"]
         call = self._call
-        keep, call["score"] = self.handle.method.encoder_step(
+        keep, call["score"], _ = self.handle.method.encoder_step(
             layer, self.plan[-1] - layer, self.taps.take(), call["score"], call["k"])
         if keep is None:  # the method only updated its running score
             return None

@@ -289,7 +289,7 @@ class Qwen2_5_VL(Patcher):
         hidden = args[0] if args else kwargs["hidden_states"]
         if idx - 1 in self.plan:  # prune after block idx - 1
             layer = idx - 1
-            keep, state["score"] = self.handle.method.encoder_step(
+            keep, state["score"], _ = self.handle.method.encoder_step(
                 layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
             if keep is not None:
                 keep = keep[0]

@@ -64,3 +64,27 @@ class SyncRecorder(TorchFunctionMode):
             if MARKER not in here and MARKER not in above:
                 out.append(f"{Path(path).relative_to(Path(path).parents[1])}:{line} {name}: {here.strip()}")
         return out
+
+
+class CudaSyncGuard(TorchFunctionMode):
+    """On a GPU: every torch call made from a vlprune line without a ``# host sync:`` comment runs under
+    ``torch.cuda.set_sync_debug_mode("error")``, so any synchronising op there raises (listed in SYNCING
+    or not); calls from other code (transformers, the original model) and explained lines run as usual."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(TORCH):
+            frame = frame.f_back
+        strict = False
+        if frame is not None:
+            path = os.path.realpath(frame.f_code.co_filename)
+            if path.startswith(ROOTS):
+                line = frame.f_lineno
+                strict = MARKER not in linecache.getline(path, line) + linecache.getline(path, line - 1)
+        if not strict:
+            return func(*args, **(kwargs or {}))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -274,6 +274,8 @@ def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
             v = mod.v_proj(x).view(2, 17, 4, 16).transpose(1, 2)
             want = {"cls_attention": attn[:, :, 0, 1:], "attention_received": attn.mean(2)[..., 1:],
                     "keys": k[:, :, 1:], "values": v[:, :, 1:], "cls_query": q[:, :, 0], "cls_key": k[:, :, 0], "cls_value": v[:, :, 0]}
+            full_q, full_k = (t.transpose(1, 2).reshape(2, 17, 64) for t in (q, k))  # heads side by side
+            want["cls_attention_joint"] = torch.softmax(full_q[:, :1] @ full_k.transpose(1, 2) / 8.0, -1)[..., 1:]
             for kind in KINDS:
                 value = got[Signal(kind, layer if layer == 0 else -1)]
                 torch.testing.assert_close(value, want[kind].float(), rtol=1e-5, atol=1e-6, msg=f"{kind}@{layer}")

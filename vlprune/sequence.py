@@ -73,3 +73,24 @@ def compact(keep: torch.Tensor, tensors: dict, right_padded: torch.Tensor | bool
         new = torch.full((b, new_len + 1, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
         out[name] = new.scatter_(1, index, t)[:, :new_len].contiguous()
     return out
+
+
+def real_tokens(counts: list[int] | None, t: int, device) -> torch.Tensor | None:
+    """(B, 1 + t) True for [CLS] and each row's first ``counts[i]`` patch tokens, the real ones of a padded
+    batch; None when no row is padded."""
+    if counts is None or min(counts) == t:
+        return None
+    real = torch.arange(t, device=device) < torch.tensor(counts, device=device)[:, None]
+    return torch.cat([real.new_ones(real.shape[0], 1), real], dim=1)
+
+
+def padding_mask(counts: list[int] | None, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The additive attention mask (B, 1, T, T) that hides a padded batch's padding keys: row i of ``hidden``
+    (B, T, D) holds [CLS] and ``counts[i]`` real tokens first. None when no row is padded."""
+    t = hidden.shape[1] - 1
+    keys = real_tokens(counts, t, hidden.device)
+    if keys is None:
+        return None
+    mask = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
+    mask = mask.masked_fill(~keys, torch.finfo(hidden.dtype).min)
+    return mask[:, None, None, :].expand(-1, 1, t + 1, -1)

@@ -8,14 +8,18 @@ from __future__ import annotations
 import torch
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, query_index: int = 0) -> torch.Tensor:
+def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, query_index: int = 0,
+                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention row of one query (the [CLS] token by default) over all N keys: (B, heads, N).
 
     Equal to row ``query_index`` of the eager attention probabilities, but O(N) memory: one query
     against the keys. Computed in float32 so bf16 models rank tokens as the fp32 reference does.
+    ``key_mask`` (B, N) hides the False keys (a padded batch's padding), as the attention mask does.
     """
     q0 = q[:, :, query_index : query_index + 1, :].float()
     logits = torch.matmul(q0, k.float().transpose(-1, -2)).squeeze(-2) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

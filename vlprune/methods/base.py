@@ -81,6 +81,8 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    released_code: ClassVar[str] = "none"  # the authors' code it was checked against (repo @ commit), or none
+    released: ClassVar[str] = ""  # how the default differs from that code, or that it matches (README table)
     stage: ClassVar[str] = "encoder"
     budgeted: ClassVar[bool] = True  # False: the method decides how much to drop (no ratio/keep)
     prunes: ClassVar[bool] = True  # False: a decoding method (damro); it may name a pruning method (``pruner()``)
@@ -115,9 +117,13 @@ class Method:
         """Signals the method reads at one plan layer (``layer`` is non-negative)."""
         return []
 
-    def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int):  # pragma: no cover
+    def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int,
+                     counts: list[int] | None = None):  # pragma: no cover
         """Look at ``layer``'s signals and maybe prune after it. Returns (indices of the current patch tokens
-        to keep, ascending, (B, t'), or None to keep them all; the new state, aligned with the survivors).
-        ``remaining`` = layers from ``layer`` to the last plan layer (0 = last: must reach ``target``
-        patches). The patcher keeps [CLS] and runs one image at a time."""
+        to keep, (B, t'), or None to keep them all; the new state, aligned with the survivors; the number
+        of real tokens each image now has). ``remaining`` = layers from ``layer`` to the last plan layer
+        (0 = last: must reach ``target`` patches). ``counts`` (None: all t are real) says how many of
+        each image's t tokens are real in a batch whose images keep different counts: its rows are padded
+        to the longest, real tokens first (ascending), and the patcher masks the padding in attention.
+        The patcher keeps [CLS]."""
         raise NotImplementedError

@@ -64,6 +64,10 @@ SCORING = {"joint": "cls_attention_joint", "head_mean": "cls_attention"}  # opti
 class DAMRO(Method):
     summary = ("contrastive decoding against the model seeing only the [CLS]-attention outlier tokens "
                "(object hallucination); prunes nothing unless prune= names a method")
+    released_code = "`coder-gx/DAMRO` @ 03008ac"
+    released = ("the outliers and the contrast step match (`scoring=\"head_mean\"` ranks by the head mean instead); "
+                "differs: outliers reach the LM in raster order, generate's logits processors apply to the combined "
+                "logits")
     stage = "decoding"
     budgeted = False
     prunes = False

@@ -53,6 +53,8 @@ def farthest_points(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 @dataclass
 class DivPrune(Method):
     summary = "max-min cosine diversity of the projected tokens (farthest-point greedy)"
+    released_code = "`vbdi/divprune` @ 799e2d9"
+    released = "matches the released code"
     stage = "projector"
 
     def select(self, tokens, k, ctx: Context) -> Selection:

@@ -16,6 +16,8 @@ from .base import Context, Method, Selection, Signal
 @dataclass
 class FasterVLM(Method):
     summary = "[CLS] attention of the penultimate encoder layer, head mean, top-k"
+    released_code = "`Theia-4869/FasterVLM` @ f5d5f12"
+    released = "matches the released code"
     layer: int = -2
 
     def signals(self):

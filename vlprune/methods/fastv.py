@@ -19,6 +19,8 @@ from .base import Context, Method, Selection, Signal
 @dataclass
 class FastV(Method):
     summary = "inside the LLM: at decoder layer K keep the image tokens the last token attends to most"
+    released_code = "`pkunlp-icler/FastV` @ d165972"
+    released = "matches the released code"
     stage = "llm"
     layer: int = 2
 

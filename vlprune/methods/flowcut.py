@@ -28,10 +28,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
-from ..select import topk_indices
 from .base import Context, Method, Selection, Signal
 
 ENTROPY_MAX = ("patches", "tokens")
@@ -41,6 +41,10 @@ ENTROPY_MAX = ("patches", "tokens")
 @dataclass
 class FlowCut(Method):
     summary = "progressive in-encoder pruning by information flow (attention x value density, running score)"
+    released_code = "`TungChintao/FlowCut` @ a2ecd24"
+    released = ("matches the released code for each image; in a batch every image keeps its own count, where the code"
+                " applies the batch's largest to all (no option: a batch equals its single runs); "
+                "`scale_semantic=True` and `entropy_max=\"tokens\"` follow the paper's pseudocode")
     stage = "in_encoder"
     every: int = 2
     ema: float = 0.5
@@ -67,45 +71,65 @@ class FlowCut(Method):
     def encoder_signals(self, layer: int) -> list[Signal]:
         return [Signal("cls_attention", layer), Signal("values", layer), Signal("cls_value", layer)]
 
-    def layer_score(self, layer: int, signals: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score (B, t), renormalised [CLS] attention (B, t)) of one layer."""
+    def layer_score(self, layer: int, signals: dict, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (B, t), renormalised [CLS] attention (B, t)) of one layer; ``valid`` (B, t) or None marks
+        the real tokens of a padded batch (padding gets zero attention and semantic weight)."""
         attn = signals[Signal("cls_attention", layer)].mean(1)
+        if valid is not None:
+            attn = attn * valid
         attn = attn / attn.sum(-1, keepdim=True)
         values, cls_value = signals[Signal("values", layer)], signals[Signal("cls_value", layer)]
         logits = torch.cat([(cls_value * cls_value).sum(-1, keepdim=True),
                             torch.einsum("bhd,bhtd->bht", cls_value, values)], dim=-1)
         if self.scale_semantic:
             logits = logits / math.sqrt(values.shape[-1])
+        if valid is not None:
+            logits = logits.masked_fill(~F.pad(valid, (1, 0), value=True)[:, None], float("-inf"))
         sem = torch.softmax(logits, dim=-1)[..., 1:].mean(1)
         sem = sem / sem.sum(-1, keepdim=True)
         density = values.mean(1).abs().sum(-1)
         return (attn + sem) * density, attn
 
-    def prune_count(self, attn: torch.Tensor, remaining: int, target: int) -> int:
-        """Patches to drop now: the entropy-adaptive P of one image (a host value: it sets the next shape)."""
-        n = attn.shape[1]
-        if attn.shape[0] != 1:
-            raise RuntimeError("flowcut's adaptive counts are per image: the patcher must run one image at a time")
-        entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)[0]
-        h_max = math.log(n if self.entropy_max == "patches" else n + 1)
-        drop = ((n - target) / math.sqrt(remaining) * (1.0 - (entropy / h_max) ** 2)).round()
-        drop = drop.item()  # host sync: the count decides the shape of every later layer
-        if not math.isfinite(drop):
+    def prune_counts(self, attn: torch.Tensor, counts: list[int], remaining: int, target: int) -> list[int]:
+        """Patches each image drops now: the entropy-adaptive P, per image (``counts`` real tokens each)."""
+        n = torch.tensor(counts if self.entropy_max == "patches" else [c + 1 for c in counts],
+                         dtype=torch.float32, device=attn.device)
+        entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)
+        scale = torch.tensor([(c - target) / math.sqrt(remaining) for c in counts], device=attn.device)
+        drops = (scale * (1.0 - (entropy / n.log()) ** 2)).round()
+        drops = drops.tolist()  # host sync: the counts decide the shape of every later layer
+        if not all(math.isfinite(d) for d in drops):
             raise VlpruneError("flowcut got a non-finite [CLS] attention (NaN or inf in the image or the tower); "
                                "check pixel_values")
-        return int(drop)
+        return [int(d) for d in drops]
 
-    def encoder_step(self, layer, remaining, signals, state, target):
-        n = signals[Signal("cls_attention", layer)].shape[-1]
-        if n <= target:  # already at the budget: the released code stops scoring too
-            return None, state
-        score, attn = self.layer_score(layer, signals)
+    def encoder_step(self, layer, remaining, signals, state, target, counts=None):
+        b, _, t = signals[Signal("cls_attention", layer)].shape
+        device = signals[Signal("cls_attention", layer)].device
+        counts = [t] * b if counts is None else counts
+        if max(counts) <= target:  # already at the budget: the released code stops scoring too
+            return None, state, counts
+        valid = None
+        if min(counts) < t:
+            valid = torch.arange(t, device=device) < torch.tensor(counts, device=device)[:, None]
+        score, attn = self.layer_score(layer, signals, valid)
         cum = score if state is None else self.ema * state + (1.0 - self.ema) * score
         if remaining % self.every:
-            return None, cum
-        new = target if remaining == 0 else max(n - self.prune_count(attn, remaining, target), target)
-        keep = topk_indices(cum, new)
-        return keep, cum.gather(1, keep)
+            return None, cum, counts
+        if remaining == 0:
+            new = [target] * b
+        else:
+            drops = self.prune_counts(attn, counts, remaining, target)
+            new = [c if c <= target else max(c - d, target) for c, d in zip(counts, drops)]
+        width = max(new)
+        ranked = cum if valid is None else cum.masked_fill(~valid, float("-inf"))
+        top = ranked.topk(width, dim=-1).indices  # best first
+        if min(new) < width:  # shorter rows: their real tokens first, then padding (masked downstream)
+            real = torch.arange(width, device=top.device) < torch.tensor(new, device=top.device)[:, None]
+            keep = top.gather(1, torch.where(real, top, top + t).argsort(dim=-1))
+        else:
+            keep = top.sort(dim=-1).values
+        return keep, cum.gather(1, keep), new
 
     def select(self, tokens, k, ctx: Context) -> Selection:  # pragma: no cover - never called for in_encoder
         raise VlpruneError("flowcut prunes inside the vision encoder; its patcher drives encoder_step")

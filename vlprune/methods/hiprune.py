@@ -28,6 +28,10 @@ def _check_layer(name: str, value) -> None:
 @dataclass
 class HiPrune(Method):
     summary = "anchors from a middle layer + their 4 grid neighbours + deep-layer attention fill"
+    released_code = "`Danielement321/HiPrune` @ 6e83a12"
+    released = ("differs only at the grid's border: an anchor's neighbours off the 2-D grid are left out, where the "
+                "code adds ±1/±W in the flat raster and clamps (wrapping across rows; `reference_clamping=True` "
+                "restores it); exactly k where the code fails (anchors and buffers beyond k)")
     stage = "encoder"
     object_layer: int = 8
     deep_layer: int = -2

@@ -116,6 +116,11 @@ def allocate(weights: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor
 @dataclass
 class HoloV(Method):
     summary = "per-crop quotas from a holistic (attention + similarity-spread) score, [CLS] top-k inside"
+    released_code = "`obananas/HoloV` @ 1d2e65e"
+    released = ("differs: 2-D crops (`crops_1d=True`: the code's raster runs), one-token crops on the others' scale "
+                "(`reference_singleton_scale=True`: the code's 1e-3), crop count int(1024·N/(576·k)) from the "
+                "authors' Qwen code (`crops=16`: the released LLaVA setting), overflow handed to other crops where "
+                "the code zero-pads (no option), raster order")
     stage = "projector"
     crops: int | None = None
     alpha: float = 0.09

@@ -22,6 +22,8 @@ from .uniform import cell_centres
 @dataclass
 class Pool(Method):
     summary = "2-D average pooling of the patch grid to exactly k tokens"
+    released_code = "none"
+    released = "a baseline"
 
     def select(self, tokens, k, ctx: Context) -> Selection:
         h, w = ctx.grid

@@ -20,6 +20,8 @@ from .base import Context, Method, Selection
 @dataclass
 class Random(Method):
     summary = "uniformly random tokens (seeded; same subset for every image)"
+    released_code = "none"
+    released = "a baseline"
     seed: int = 0
 
     def select(self, tokens, k, ctx: Context) -> Selection:

@@ -92,6 +92,9 @@ class TCC(Method):
     """
 
     summary = "per-crop quotas from key-similarity information density, [CLS]-attention top-k inside"
+    released_code = "none"
+    released = ("the paper's code was never released; the details are inferred from the paper (see the module "
+                "docstring)")
     crops: int = 4
     threshold: float = 0.9
     layer: int = -2

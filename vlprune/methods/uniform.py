@@ -25,6 +25,8 @@ def cell_centres(height: int, width: int, k: int) -> tuple[int, ...]:
 @dataclass
 class Uniform(Method):
     summary = "evenly spaced patches on the 2-D grid"
+    released_code = "none"
+    released = "a baseline"
 
     def select(self, tokens, k, ctx: Context) -> Selection:
         h, w = ctx.grid

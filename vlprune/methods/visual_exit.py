@@ -22,6 +22,8 @@ from .base import Context, Method, Selection
 @dataclass
 class VisualExit(Method):
     summary = "inside the LLM: all image tokens leave at one decoder layer (fixed, or by attention mass)"
+    released_code = "none"
+    released = "ours: the training-free form of DyVTE's learned exit"
     stage = "llm"
     budgeted = False
     layer: int | None = None

@@ -20,6 +20,9 @@ from .base import Context, Method, Selection, Signal
 @dataclass
 class VTCCLS(Method):
     summary = "[CLS] attention summed over the last encoder layers up to the penultimate, top-k"
+    released_code = "`THU-MIG/VTC-CLS` @ e41ac9b"
+    released = ("matches the released code; the default layers are the paper's K = 3 ending at the penultimate layer "
+                "(the code's argparse default, 7 layers, is `start_layer=-8`)")
     stage = "encoder"
     start_layer: int = -4
     end_layer: int = -2
