@@ -120,6 +120,24 @@ def ours(m, size, method, n_images=2, **kw):
         return h.last
 
 
+def ours_with_projector_input(m, size, method, **kw):
+    """vlprune's records and the tokens that reach the projector (B, k, D), on the shared prompts and images."""
+    seen = {}
+
+    def grab(_mod, args):
+        seen["x"] = args[0].detach().float()
+
+    with vlprune.pruned(m, method, **kw) as h:
+        hook = m.model.multi_modal_projector.register_forward_pre_hook(grab)  # after vlprune's: sees its output
+        try:
+            ids, mask = prompts(size)
+            with torch.inference_mode():
+                m(input_ids=ids, attention_mask=mask, pixel_values=images(size))
+        finally:
+            hook.remove()
+        return h.last, seen["x"]
+
+
 def assert_no_ties(scores: torch.Tensor, k: int, rel: float = 1e-4):
     """The k-th and (k+1)-th best scores of every row differ: a selection is decided by the data, not by ties."""
     top = scores.float().topk(k + 1, dim=-1).values

@@ -1,4 +1,6 @@
 """Core layer on plain tensors: budgets, registry errors, signals, selection helpers, method formulas."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,32 @@ def test_compaction_equal_rows_and_repadding():
 def test_placeholder_mismatch_is_clear():
     with pytest.raises(vlprune.VlpruneError, match="image features and placeholders do not match"):
         placeholder_positions(torch.tensor([[True] * 5]), 4)
+
+
+OPTIONS = [pytest.param(name, f.name, id=f"{name}-{f.name}") for name in sorted(vlprune.methods())
+           for f in dataclasses.fields(get_method(name))]
+
+
+@pytest.mark.parametrize("method,option", OPTIONS)
+def test_every_option_is_type_checked_at_create_with_its_name(method, option):
+    """A value of no accepted type fails when the method is created (at ``patch()``), naming the option,
+    never as a bare TypeError at the first call."""
+    with pytest.raises(vlprune.VlpruneError) as err:
+        get_method(method).create(**{option: object()})
+    assert option in str(err.value)
+
+
+@pytest.mark.parametrize("method,option,value", [("random", "seed", "x"), ("visual_exit", "threshold", "hi"),
+                                                 ("fastervlm", "layer", True), ("tcc", "crops", 2.0)])
+def test_wrong_types_users_meet(method, option, value):
+    with pytest.raises(vlprune.VlpruneError) as err:
+        get_method(method).create(**{option: value})
+    assert f"{option}={value!r}" in str(err.value)
+
+
+def test_divprune_never_picks_a_token_twice_on_non_finite_features():
+    tokens = torch.randn(2, 16, 8)
+    tokens[0, 3] = float("nan")
+    tokens[1] = float("inf")
+    sel = get_method("divprune").create().select(tokens, 6, Context(grid=(4, 4)))
+    assert all(len(set(row.tolist())) == 6 for row in sel.indices)

@@ -24,7 +24,6 @@ import pytest
 import released
 import torch
 
-import vlprune
 from vlprune.select import grid_cells
 
 BUDGETS = (64, 144)
@@ -177,21 +176,7 @@ def assert_rows_match(kept, got_rows, got_tokens, want_rows, want_tokens, ties, 
 
 
 def run_ours(m, size, keep, **options):
-    """vlprune's records and the tokens that reach the projector (B, k, D), on the shared prompts/images."""
-    ids, mask = released.prompts(size)
-    seen = {}
-
-    def grab(_mod, args):
-        seen["x"] = args[0].detach().float()
-
-    with vlprune.pruned(m, "prumerge_plus", keep=keep, **options) as h:
-        hook = m.model.multi_modal_projector.register_forward_pre_hook(grab)  # after vlprune's: sees its output
-        try:
-            with torch.inference_mode():
-                m(input_ids=ids, attention_mask=mask, pixel_values=released.images(size))
-        finally:
-            hook.remove()
-        return h.last, seen["x"]
+    return released.ours_with_projector_input(m, size, "prumerge_plus", keep=keep, **options)
 
 
 DEVIATIONS = {"no_extra_token": True, "raster_order": True, "per_image_quartiles": True}

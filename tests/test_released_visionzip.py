@@ -19,7 +19,6 @@ import pytest
 import released
 import torch
 
-import vlprune
 from vlprune.methods.visionzip import VisionZip
 
 BUDGETS = (64, 144)
@@ -128,21 +127,7 @@ def assignment_gaps(keys, dominant_patches: torch.Tensor, contextual: int) -> to
 
 
 def run_ours(m, size, keep, **options):
-    """vlprune's records and the tokens that reach the projector (B, k, D), on the shared prompts/images."""
-    ids, mask = released.prompts(size)
-    seen = {}
-
-    def grab(_mod, args):
-        seen["x"] = args[0].detach().float()
-
-    with vlprune.pruned(m, "visionzip", keep=keep, **options) as h:
-        hook = m.model.multi_modal_projector.register_forward_pre_hook(grab)  # after vlprune's: sees its output
-        try:
-            with torch.inference_mode():
-                m(input_ids=ids, attention_mask=mask, pixel_values=released.images(size))
-        finally:
-            hook.remove()
-        return h.last, seen["x"]
+    return released.ours_with_projector_input(m, size, "visionzip", keep=keep, **options)
 
 
 @pytest.mark.parametrize("size", sorted(released.GEOMETRIES))

@@ -75,6 +75,25 @@ class Selection:
     sources: torch.Tensor | None = None
 
 
+#: an option's annotation -> (accepted Python types, how the error message names them)
+OPTION_TYPES = {"int": ((int,), "an int"), "float": ((int, float), "a number"), "bool": ((bool,), "True or False"),
+                "str": ((str,), "a string"), "dict": ((dict,), "a dict"), "None": ((type(None),), "None")}
+
+
+def check_types(cls, options: dict) -> None:
+    """Each option's value against its field's annotation (``int``, ``float | None``, ...): a clear error
+    naming the parameter at ``patch()`` time, not a bare TypeError at the first call. bool is not an int."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in options.items():
+        parts = [p.strip() for p in str(fields[name]).split("|")]
+        if any(p not in OPTION_TYPES for p in parts):
+            continue  # an annotation this check does not know: the method validates it itself
+        ok = any(isinstance(value, OPTION_TYPES[p][0]) and (p == "bool" or not isinstance(value, bool)) for p in parts)
+        if not ok:
+            allowed = " or ".join(OPTION_TYPES[p][1] for p in parts)
+            raise VlpruneError(f"{name} must be {allowed} for method={cls.name!r}; got {name}={value!r}")
+
+
 @dataclass
 class Method:
     """Base class; subclasses are dataclasses whose fields are the method's options."""
@@ -96,7 +115,13 @@ class Method:
                 f"unknown option(s) {', '.join(unknown)} for method={cls.name!r}; "
                 f"allowed: {', '.join(allowed) if allowed else '(none)'}"
             )
-        return cls(**options)
+        try:
+            method = cls(**options)
+        except TypeError:  # a range check in __post_init__ met a value of another type: say which
+            check_types(cls, options)
+            raise
+        check_types(cls, options)
+        return method
 
     def options(self) -> dict:
         return dataclasses.asdict(self)

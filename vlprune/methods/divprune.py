@@ -18,9 +18,11 @@ from .base import Context, Method, Selection
 
 
 def cosine_distances(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) cosine distances in float32, clamped to [0, 2] against rounding."""
+    """(B, N, D) -> (B, N, N) cosine distances in float32, clamped to [0, 2] against rounding. A token with
+    NaN or inf features is at distance 0 from everything (it carries no direction), so the greedy pick
+    never returns a token twice (NaN would win every argmax)."""
     unit = F.normalize(tokens.float(), dim=-1)
-    return (1.0 - unit @ unit.transpose(1, 2)).clamp_(0.0, 2.0)
+    return (1.0 - unit @ unit.transpose(1, 2)).nan_to_num_(nan=0.0).clamp_(0.0, 2.0)
 
 
 def farthest_points(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
