@@ -41,6 +41,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,7 +62,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 1) -> float:
+@dataclass
+class Timing:
+    """The median of ``n`` timed calls and their range, in ms."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        return self.high - self.low
+
+
+TIGHT = 0.03  # a run stops repeating once its range is within 3 % of its median (after at least 3 calls)
+
+
+def time_ms(fn, device, repeats: int, warmup: int = 1, least: int = 3) -> Timing:
+    """Up to ``repeats`` timed calls after ``warmup``: fewer when the first ``least`` already agree within
+    ``TIGHT`` (a GPU's calls usually do; a shared CPU's do not)."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -72,7 +92,14 @@ def median_ms(fn, device, repeats: int, warmup: int = 1) -> float:
             fn()
             _sync(device)
             samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+            med = statistics.median(samples)
+            if len(samples) >= least and max(samples) - min(samples) <= TIGHT * med:
+                break
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def median_ms(fn, device, repeats: int, warmup: int = 1) -> float:
+    return time_ms(fn, device, repeats, warmup).median
 
 
 class _MallInfo2(ctypes.Structure):
@@ -148,6 +175,7 @@ class PeakMemory:
 def measure(model, prefill, generate, args, geo) -> dict:
     """Latencies, peak memory, LM length and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures)."""
     device = args.device
+    prefill_once = prefill
     rec = geo.recorder(model)
     try:  # the warm-up run also records the lengths each layer sees
         with torch.inference_mode():
@@ -156,16 +184,20 @@ def measure(model, prefill, generate, args, geo) -> dict:
         lm_tokens = (rec.decoder[0][1], rec.decoder[-1][1]) if rec.decoder else (0, 0)
     finally:
         rec.close()
-    prefill_ms = median_ms(prefill, device, args.repeats, warmup=0)
+    prefill = time_ms(prefill, device, args.repeats, warmup=0)
     with PeakMemory(device) as mem, torch.inference_mode():
-        prefill()
+        prefill_once()
     new = args.new_tokens
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     reps = max(1, args.repeats // 2)
-    e2e_ms = median_ms(lambda: generate(**gen), device, reps, warmup=0)
-    first_ms = median_ms(lambda: generate(max_new_tokens=1, do_sample=False), device, reps, warmup=0)
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": (e2e_ms - first_ms) / max(1, new - 1),
-            "generate_ms": e2e_ms, "peak_mem_mb": mem.peak_mb, "lm_tokens": lm_tokens[0],
+    e2e = time_ms(lambda: generate(**gen), device, reps, warmup=0)
+    first = time_ms(lambda: generate(max_new_tokens=1, do_sample=False), device, reps, warmup=0)
+    decode = (e2e.median - first.median) / max(1, new - 1)
+    # the difference of two medians is noise when it is within their ranges (or negative): marked, not shown bare
+    noisy = e2e.median - first.median <= e2e.spread + first.spread
+    return {"prefill_ms": prefill.median, "prefill_low_ms": prefill.low, "prefill_high_ms": prefill.high,
+            "prefill_n": prefill.n, "decode_ms_per_token": decode, "decode_noise": noisy,
+            "generate_ms": e2e.median, "peak_mem_mb": mem.peak_mb, "lm_tokens": lm_tokens[0],
             "lm_tokens_last_layer": lm_tokens[1], "tflops": flops["total"] / 1e12,
             "vision_tflops": flops["vision"] / 1e12, "llm_tflops": flops["llm"] / 1e12}
 
@@ -185,16 +217,20 @@ def run(args) -> list[dict]:
     n = geo.visual_tokens
     support = geo.support()
     rows, notes = [], geo.notes
+    clock = {"start": time.perf_counter(), "total": 0}
 
     def add(method, k, stats):
         rows.append({"method": method, "keep": k, **stats})
-        print(f"  {method:>16} k={k:<5} prefill {stats['prefill_ms']:9.1f} ms  LM {stats['lm_tokens']:>5} tokens  "
-              f"{stats['tflops']:.3f} TFLOPs  mem +{stats['peak_mem_mb']:.0f} MB", flush=True)
+        done, spent = len(rows), time.perf_counter() - clock["start"]
+        left = spent / done * (clock["total"] - done)  # the settings so far, on average
+        print(f"  [{done}/{clock['total']}] {method:>16} k={k:<5} prefill {stats['prefill_ms']:9.1f} ms "
+              f"({stats['prefill_low_ms']:.1f}-{stats['prefill_high_ms']:.1f}, n={stats['prefill_n']})  "
+              f"LM {stats['lm_tokens']:>5} tokens  {stats['tflops']:.3f} TFLOPs  mem +{stats['peak_mem_mb']:.0f} MB"
+              f"  ~{left:.0f} s left", flush=True)
 
     def plain(**gen):
         return model.generate(**inputs, **gen) if gen else model(**inputs, logits_to_keep=1)
 
-    add("unpruned", n, measure(model, plain, plain, args, geo))
     methods = []
     for method in args.methods:
         verdict = support.get(method, "yes")
@@ -206,6 +242,10 @@ def run(args) -> list[dict]:
         methods.append(method)
     if geo.eager_note:
         notes.append(f"no eager-reference rows: {geo.eager_note}")
+    budgeted = [m for m in methods if get_method(m).budgeted]
+    per_keep = 1 + (not geo.eager_note) + len(budgeted)
+    clock["total"] = 1 + per_keep * len(args.keeps) + len(methods) - len(budgeted)
+    add("unpruned", n, measure(model, plain, plain, args, geo))
     for k in args.keeps:
         ideal = geo.ideal(model, inputs, k)
         add("ideal", k, measure(model, ideal, ideal, args, geo))
@@ -228,7 +268,10 @@ def run(args) -> list[dict]:
     for r in rows:
         r["vs_unpruned"] = r["prefill_ms"] / unpruned["prefill_ms"]
         if r["keep"] in ideal:
-            r["vs_ideal"] = r["prefill_ms"] / ideal[r["keep"]]["prefill_ms"]
+            i = ideal[r["keep"]]
+            r["vs_ideal"] = r["prefill_ms"] / i["prefill_ms"]
+            # the two ranges of timed calls overlap: the difference from the ideal is within the noise
+            r["vs_ideal_noise"] = r["prefill_low_ms"] <= i["prefill_high_ms"] and i["prefill_low_ms"] <= r["prefill_high_ms"]
             r["scoring_share"] = max(0.0, r["prefill_ms"] - ideal[r["keep"]]["prefill_ms"]) / r["prefill_ms"]
         if r["keep"] in eager:
             r["eager_vs_this"] = eager[r["keep"]]["prefill_ms"] / r["prefill_ms"]
@@ -257,14 +300,23 @@ def markdown(rows, args) -> str:
     for r in rows:
         lm = str(r["lm_tokens"]) if r["lm_tokens"] == r["lm_tokens_last_layer"] else \
             f"{r['lm_tokens']}→{r['lm_tokens_last_layer']}"
-        lines.append(f"| {r['method']} | {r['keep']} | {lm} | {r['prefill_ms']:.1f} | {f(r, 'vs_unpruned', '.2f')} | "
-                     f"{f(r, 'vs_ideal', '.2f')} | {f(r, 'eager_vs_this', '.2f')} | {r['decode_ms_per_token']:.1f} | "
+        prefill = f"{r['prefill_ms']:.1f} ({r['prefill_low_ms']:.1f}–{r['prefill_high_ms']:.1f}, n={r['prefill_n']})"
+        vs_ideal = ("≈" if r.get("vs_ideal_noise") and r["method"] != "ideal" else "") + f(r, "vs_ideal", ".2f")
+        decode = "noise†" if r["decode_noise"] else f"{r['decode_ms_per_token']:.1f}"
+        lines.append(f"| {r['method']} | {r['keep']} | {lm} | {prefill} | {f(r, 'vs_unpruned', '.2f')} | "
+                     f"{vs_ideal} | {f(r, 'eager_vs_this', '.2f')} | {decode} | "
                      f"{r['generate_ms']:.0f} | {r['peak_mem_mb']:.0f} | {r['tflops']:.3f} |")
     notes = [f"visual tokens: kept per image (budgets count visual tokens; LLaVA-NeXT's newlines are not counted "
              f"but are LM tokens); LM tokens: the prefill length at the first decoder layer (→ at the last, where "
              f"an llm-stage method drops tokens inside the LM); FLOPs: {geo.flops_note}",
              "ideal: the vision side as unpruned, the LM fed the first k visual tokens, no scoring "
-             "(definitions per family in vlprune.eval.geometries)"] + geo.notes
+             "(definitions per family in vlprune.eval.geometries)",
+             "prefill ms: the median of n timed calls (their range in brackets; repeats stop early once the range is "
+             f"within {TIGHT:.0%} of the median); ≈ before × ideal: the ranges of this row and its ideal overlap, so "
+             "the difference is within the timing noise",
+             "† decode ms/tok is (generate of all new tokens - generate of one) / (new tokens - 1), a difference of "
+             "two medians; where it is not larger than their ranges (or negative) it is not resolved on this machine "
+             "and not shown"] + geo.notes
     return head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -274,16 +326,28 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
+    keeps = sorted({r["keep"] for r in rows if r["method"] == "ideal"})
+    colors = plt.get_cmap("tab20")
     for ax, key, label in ((axes[0], "prefill_ms", "prefill latency (ms)"), (axes[1], "peak_mem_mb", "peak memory (MB)")):
-        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"):
-            pts = sorted((r["keep"], r[key]) for r in rows if r["method"] == method)
-            style = "--" if method == "ideal" else ":" if method == "eager-reference" else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
+        if len(keeps) == 1:  # one budget: one bar per method (a line through one point says nothing)
+            values = [next(r[key] for r in rows if r["method"] == m) for m in methods]
+            ax.bar(range(len(methods)), values, color=[colors(i % 20) for i in range(len(methods))])
+            ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+            ax.set_xlabel(f"method at {keeps[0]} visual tokens")
+        else:
+            for i, method in enumerate(methods):
+                pts = sorted((r["keep"], r[key]) for r in rows if r["method"] == method)
+                style = "--" if method == "ideal" else ":" if method == "eager-reference" else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="os^vD<>p*h"[i % 10],
+                        color=colors(i % 20), label=method)
+            ax.set_xlabel("visual tokens kept")
+            ax.legend(fontsize=6, ncol=2)
         ax.axhline(rows[0][key], color="grey", lw=0.8, label="unpruned")
-        ax.set_xlabel("visual tokens kept")
         ax.set_ylabel(label)
-    axes[1].legend(fontsize=7)
+        if len(keeps) == 1:
+            ax.legend(fontsize=7)
     fig.suptitle(f"vlprune-bench --geometry {rows[0]['geometry']} on {rows[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -376,7 +440,14 @@ def main(argv=None) -> int:
             print(f"vlprune-bench: skipped --geometry embedded: {why}", file=sys.stderr)
             return 0
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # an unusable --output fails now, not after the whole benchmark
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vlprune-bench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        print(f"vlprune-bench: --output {out} is not a writable folder ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"vlprune-bench --geometry {args.geometry} on {machine(args.device)}: methods {','.join(args.methods)}, "
           f"keeps {args.keeps}", flush=True)
     rows = run(args)
