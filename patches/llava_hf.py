@@ -34,6 +34,7 @@ from vlprune.sequence import (
     padding_mask,
     placeholder_positions,
     real_tokens,
+    with_caller_prompt,
 )
 
 from ._clip import ClipTaps, encoder_layers
@@ -318,19 +319,12 @@ class LlavaHF(Patcher):
             original, kw, dropped = self._contrast_session(original, kw)
         else:
             kw, dropped = self._prepare(kw, generating=True)
-        if dropped == 0:
+        short = kw.get("input_ids")
+        if short is prompt:  # the caller's ids reach the LM as they are (embeddings in: new tokens only, as unpatched)
             return original(**kw)
         if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
             kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
-        out = original(**kw)
-        if prompt is None:  # embeddings in: generate returns only the new tokens, as unpatched
-            return out
-        seqs = out.sequences if hasattr(out, "sequences") else out
-        full = torch.cat([prompt, seqs[:, kw["input_ids"].shape[1]:]], dim=1)
-        if hasattr(out, "sequences"):
-            out.sequences = full
-            return out
-        return full
+        return with_caller_prompt(original(**kw), prompt, short)
 
     # -- damro: contrastive decoding against the outlier-only prompt ------------------------------
     def _contrast_session(self, original, kw):

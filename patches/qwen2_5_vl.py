@@ -62,7 +62,14 @@ from vlprune.errors import VlpruneError
 from vlprune.methods.base import Context, Selection, Signal
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
-from vlprune.sequence import block_rows, compact, is_right_padded, keep_mask, placeholder_positions
+from vlprune.sequence import (
+    block_rows,
+    compact,
+    is_right_padded,
+    keep_mask,
+    placeholder_positions,
+    with_caller_prompt,
+)
 
 from ._clip import resolve_layer
 from ._llm import LLMPruning
@@ -549,14 +556,9 @@ class Qwen2_5_VL(Patcher):
                 self._prompt_len = self._grid_thw = None
         prompt = kw.get("input_ids")
         kw, dropped = self._prepare(kw, generating=True)
-        if dropped == 0:
+        short = kw.get("input_ids")
+        if short is prompt:  # the caller's ids reach the LM as they are
             return original(**kw)
         if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
             kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
-        out = original(**kw)
-        seqs = out.sequences if hasattr(out, "sequences") else out
-        full = torch.cat([prompt, seqs[:, kw["input_ids"].shape[1]:]], dim=1)
-        if hasattr(out, "sequences"):
-            out.sequences = full
-            return out
-        return full
+        return with_caller_prompt(original(**kw), prompt, short)

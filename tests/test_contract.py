@@ -358,3 +358,15 @@ def test_no_host_sync_that_does_not_say_why(fam, method):
                 fam.forward(inp)
                 fam.generate(inp, max_new_tokens=2)
     assert not recorder.unexplained(), "\n".join(recorder.unexplained())
+
+
+@pytest.mark.parametrize("fam", ["llava_hf", "llava_next_hf", "qwen2_5_vl"], indirect=True)
+def test_num_return_sequences_keeps_the_output_contract(fam):
+    """Sampling two sequences per prompt from a pruned batch: each copy starts with its caller's prompt."""
+    inp = fam.pair()
+    torch.manual_seed(0)
+    with vlprune.pruned(fam.model, "random", ratio=0.75), torch.inference_mode():
+        out = fam.model.generate(**inp, do_sample=True, num_return_sequences=2, max_new_tokens=3)
+    ids = inp["input_ids"]
+    assert out.shape == (4, ids.shape[1] + 3)
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))

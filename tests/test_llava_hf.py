@@ -294,3 +294,17 @@ def test_repadded_rows_get_a_mask_when_the_caller_passed_none(llava):
         second = llava(input_ids=ids[1:], pixel_values=pixels(3)[2:]).logits
     torch.testing.assert_close(both[0, -1], first[0, -1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both[1, -1], second[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_prompt_without_an_image_keeps_the_callers_ids(llava):
+    """Left-padded batch, the second prompt image-free and the longest: the sequence keeps its length after
+    pruning, yet the first row was re-padded; generate must still return the caller's ids first."""
+    with_image, text_only = prompt(), list(range(20, 20 + len(prompt()) + 3))
+    ids, mask = batch([with_image, text_only])
+    with vlprune.pruned(llava, "fastervlm", keep=4), torch.inference_mode():
+        out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels(1), max_new_tokens=2,
+                             do_sample=False)
+        alone = llava.generate(input_ids=ids[:1, 3:], attention_mask=mask[:1, 3:], pixel_values=pixels(1),
+                               max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[:, : ids.shape[1]], ids)
+    assert torch.equal(out[0, ids.shape[1]:], alone[0, ids.shape[1] - 3:])

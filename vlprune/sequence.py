@@ -94,3 +94,17 @@ def padding_mask(counts: list[int] | None, hidden: torch.Tensor) -> torch.Tensor
     mask = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
     mask = mask.masked_fill(~keys, torch.finfo(hidden.dtype).min)
     return mask[:, None, None, :].expand(-1, 1, t + 1, -1)
+
+
+def with_caller_prompt(out, prompt: torch.Tensor, short: torch.Tensor):
+    """``generate``'s output on the shortened prompt ``short`` with the caller's ``prompt`` put back in
+    front of the new tokens (the unpatched output contract). ``out`` is ids or a generate output with
+    ``sequences``; with ``num_return_sequences`` > 1 each prompt row stands for its consecutive copies,
+    as generate expands them."""
+    seqs = out.sequences if hasattr(out, "sequences") else out
+    copies = seqs.shape[0] // prompt.shape[0]
+    full = torch.cat([prompt.repeat_interleave(copies, dim=0), seqs[:, short.shape[1]:]], dim=1)
+    if hasattr(out, "sequences"):
+        out.sequences = full
+        return out
+    return full
