@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 
 
 def named_arguments(signature: inspect.Signature, args, kwargs) -> dict:
@@ -15,12 +16,18 @@ def named_arguments(signature: inspect.Signature, args, kwargs) -> dict:
 
 
 def wrap_method(patcher, obj, name: str, impl):
-    """Install ``impl(original, **named_args)`` as an instance-level ``obj.name`` (recorded for undo)."""
+    """Install ``impl(original, **named_args)`` as an instance-level ``obj.name`` (recorded for undo).
+
+    Every wrapped entry point of one patcher runs under one re-entrant lock: a pruned call keeps its
+    state on the patcher while it runs, so calls from several threads take turns (generate's inner
+    forward calls re-enter it) instead of mixing each other's signals and selections."""
     original = getattr(obj, name)
     signature = inspect.signature(original)
+    lock = patcher.__dict__.setdefault("call_lock", threading.RLock())
 
     @functools.wraps(original)  # keeps the signature that generate() inspects (position_ids etc.)
     def wrapper(*args, **kwargs):
-        return impl(original, named_arguments(signature, args, kwargs))
+        with lock:
+            return impl(original, named_arguments(signature, args, kwargs))
 
     patcher.ledger.set_attr(obj, name, wrapper)

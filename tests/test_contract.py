@@ -370,3 +370,26 @@ def test_num_return_sequences_keeps_the_output_contract(fam):
     ids = inp["input_ids"]
     assert out.shape == (4, ids.shape[1] + 3)
     assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize("method", supported("llava_hf"))
+def test_threads_get_the_outputs_of_serial_calls(family_llava_hf, method):
+    """One patched model, 8 threads, each with its own prompt and image: the logits equal serial calls."""
+    import concurrent.futures
+
+    model = family_llava_hf.model
+    inputs = []
+    for i in range(8):
+        ids, mask = batch([prompt(text_before=(1, 7 + i % 3, 8 + i))])
+        inputs.append({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(1, seed=10 + i)})
+
+    def call(inp):
+        with torch.inference_mode():
+            return model(**inp).logits
+
+    with vlprune.pruned(model, method, **budget(method, ratio=0.75)):
+        serial = [call(inp) for inp in inputs]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            threaded = list(pool.map(call, inputs * 2))
+    for i, got in enumerate(threaded):
+        assert torch.equal(got, serial[i % 8]), f"thread call {i}"
