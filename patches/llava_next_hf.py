@@ -83,7 +83,7 @@ SUPPORT = {
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
 
 
-@dataclass
+@dataclass(repr=False)  # ImageRecord's short repr, with grids and newlines
 class NextImageRecord(ImageRecord):
     """An :class:`ImageRecord` of one AnyRes image (see the module docstring for the index space)."""
 

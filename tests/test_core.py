@@ -192,3 +192,54 @@ def test_divprune_never_picks_a_token_twice_on_non_finite_features():
     tokens[1] = float("inf")
     sel = get_method("divprune").create().select(tokens, 6, Context(grid=(4, 4)))
     assert all(len(set(row.tolist())) == 6 for row in sel.indices)
+
+
+# -- the public API without a model ---------------------------------------------------------------
+def test_method_classes_are_exported_and_methods_stays_callable():
+    assert vlprune.methods.FasterVLM is get_method("fastervlm")
+    assert vlprune.methods.PruMergePlus is get_method("prumerge_plus")
+    assert "FasterVLM" in vlprune.methods.__all__ and "KeepAll" not in vlprune.methods.__all__  # registered only
+    assert vlprune.methods()["fastervlm"] == get_method("fastervlm").summary
+    assert "unpatch" in vlprune.__all__ and vlprune.unpatch is vlprune.api.unpatch
+
+
+def test_method_object_options_are_validated_like_keywords():
+    """The object's options pass the same checks as keywords (create + check_types), before any model lookup."""
+    model = torch.nn.Linear(2, 2)  # no patcher: validation must fail first
+    with pytest.raises(vlprune.VlpruneError) as by_name:
+        vlprune.patch(model, "fastervlm", keep=4, layer="x")
+    with pytest.raises(vlprune.VlpruneError) as by_object:
+        vlprune.patch(model, vlprune.methods.FasterVLM(layer="x"), keep=4)
+    assert str(by_object.value) == str(by_name.value) and "layer='x'" in str(by_name.value)
+    with pytest.raises(vlprune.VlpruneError, match="ratio must be in"):
+        vlprune.patch(model, vlprune.methods.FasterVLM(), ratio=1.5)
+
+
+@pytest.mark.parametrize("method,kwargs,needle", [
+    (lambda: vlprune.methods.FasterVLM(layer=-3), {"keep": 4, "layer": -2}, "both in the method object"),
+    (lambda: vlprune.methods.Random(), {"keep": 4, "seed": 1}, "as keyword arguments (seed)"),
+    (lambda: vlprune.methods.FasterVLM, {"keep": 4}, "not the class FasterVLM"),
+    (lambda: 3, {"keep": 4}, "method must be a method name"),
+    (lambda: type("Mine", (vlprune.methods.FasterVLM,), {})(), {"keep": 4}, "not a registered method"),
+])
+def test_method_object_misuse_is_a_clear_error(method, kwargs, needle):
+    with pytest.raises(vlprune.VlpruneError) as err:
+        vlprune.patch(torch.nn.Linear(2, 2), method(), **kwargs)
+    assert needle in str(err.value)
+
+
+def test_unpatch_of_an_unpatched_model_is_a_no_op():
+    model = torch.nn.Linear(2, 2)
+    assert vlprune.unpatch(model) is False and "_vlprune" not in model.__dict__
+
+
+def test_image_record_repr_is_short():
+    rec = vlprune.ImageRecord(row=0, before=576, after=64, kept=torch.arange(3, 3 + 128, 2),
+                              scores=torch.rand(576), sources=torch.rand(64, 576))
+    assert repr(rec) == "ImageRecord(row=0, before=576, after=64, kept=[3, 5, 7, ...], scores=576 values, sources=64x576)"
+    small = vlprune.ImageRecord(row=1, before=4, after=2, kept=torch.tensor([1, 3]))
+    assert repr([small]) == "[ImageRecord(row=1, before=4, after=2, kept=[1, 3])]"  # empty optional fields left out
+    from vlprune.patches.llava_next_hf import NextImageRecord
+
+    nxt = NextImageRecord(row=0, before=20, after=2, kept=torch.tensor([0, 9]), grids=((2, 2), (4, 4)), newlines=4)
+    assert repr(nxt) == "NextImageRecord(row=0, before=20, after=2, kept=[0, 9], grids=((2, 2), (4, 4)), newlines=4)"

@@ -71,6 +71,81 @@ def test_patch_twice_replaces_and_never_stacks(llava):
     no_hooks_left(llava, before)
 
 
+@pytest.mark.parametrize("method,kwargs,needle", [
+    ("fastervlm", {"ratio": 0.5, "layer": 99}, "layer=99 is out of range"),  # fails while installing
+    ("uniform", {"ratio": 0.5, "seed": 1}, "unknown option(s) seed"),  # fails while validating
+    ("fastervlm", {"ratio": 1.5}, "ratio must be in [0, 1)"),
+])
+def test_failed_repatch_leaves_the_earlier_patch_active(llava, method, kwargs, needle):
+    before = hook_state(llava)
+    ids, mask = batch([prompt()])
+    ref = run(llava, ids, mask, pixels(1)).logits
+    first = vlprune.patch(llava, "fastervlm", keep=4)
+    with pytest.raises(vlprune.VlpruneError) as err:
+        vlprune.patch(llava, method, **kwargs)
+    assert needle in str(err.value) and "the earlier patch (method='fastervlm') is still active" in str(err.value)
+    assert llava._vlprune is first and first.active
+    kept = run(llava, ids, mask, pixels(1)).logits
+    assert first.last[0].after == 4
+    first.remove()
+    no_hooks_left(llava, before)
+    assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
+    with vlprune.pruned(llava, "fastervlm", keep=4):  # a fresh patch prunes the same way
+        assert torch.equal(run(llava, ids, mask, pixels(1)).logits, kept)
+
+
+def test_repatch_failing_with_any_error_restores_the_earlier_patch(llava, monkeypatch):
+    """An unexpected error half-way through installing (after hooks went in) keeps its type; the earlier patch
+    comes back and a note says so."""
+    before = hook_state(llava)
+    first = vlprune.patch(llava, "fastervlm", keep=4)
+    patcher_class = type(first._patcher)
+    original, calls = patcher_class.install, []
+
+    def install_then_fail_once(self):
+        original(self)
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(patcher_class, "install", install_then_fail_once)
+    with pytest.raises(RuntimeError, match="boom") as err:
+        vlprune.patch(llava, "uniform", keep=3)
+    if hasattr(err.value, "add_note"):  # Python >= 3.11
+        assert "the earlier patch (method='fastervlm') is still active" in "".join(err.value.__notes__)
+    assert llava._vlprune is first and first.active and len(calls) == 2
+    ids, mask = batch([prompt()])
+    run(llava, ids, mask, pixels(1))
+    assert first.last[0].after == 4
+    first.remove()
+    no_hooks_left(llava, before)
+
+
+def test_unpatch_removes_whatever_is_installed(llava):
+    before = hook_state(llava)
+    ids, mask = batch([prompt()])
+    ref = run(llava, ids, mask, pixels(1)).logits
+    handle = vlprune.patch(llava, "uniform", keep=3)
+    assert vlprune.unpatch(llava) is True and not handle.active
+    no_hooks_left(llava, before)
+    assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
+    assert vlprune.unpatch(llava) is False
+    handle.remove()  # still harmless
+
+
+def test_method_object_equals_name_and_keywords(llava):
+    ids, mask = batch([prompt()])
+    with vlprune.pruned(llava, "fastervlm", keep=5, layer=-3) as by_name:
+        ref = run(llava, ids, mask, pixels(1)).logits
+        ref_last = by_name.last
+    with vlprune.pruned(llava, vlprune.methods.FasterVLM(layer=-3), keep=5) as by_object:
+        assert by_object.config == by_name.config and by_object.method == by_name.method
+        assert torch.equal(run(llava, ids, mask, pixels(1)).logits, ref)
+        assert [r.kept.tolist() for r in by_object.last] == [r.kept.tolist() for r in ref_last]
+        assert all(torch.equal(a.scores, b.scores) for a, b in zip(by_object.last, ref_last))
+        assert repr(by_object.last[0]) == repr(ref_last[0]) and len(repr(by_object.last)) < 120
+
+
 def test_second_model_and_class_are_untouched(llava, llava_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -308,3 +383,43 @@ def test_a_prompt_without_an_image_keeps_the_callers_ids(llava):
                                max_new_tokens=2, do_sample=False)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     assert torch.equal(out[0, ids.shape[1]:], alone[0, ids.shape[1] - 3:])
+
+
+def test_a_patched_model_refuses_deepcopy_and_pickle_and_a_plain_one_copies(llava):
+    import copy
+    import io
+    import pickle
+
+    with vlprune.pruned(llava, "fastervlm", keep=4):
+        attempts = (lambda: copy.deepcopy(llava), lambda: pickle.dumps(llava), lambda: torch.save(llava, io.BytesIO()))
+        for attempt in attempts:
+            with pytest.raises(vlprune.VlpruneError, match="cannot be deep-copied or pickled"):
+                attempt()
+        assert llava.state_dict().keys()  # the weights are still readable while patched
+    twin = copy.deepcopy(llava)  # after remove(): an ordinary model again
+    assert "__deepcopy__" not in llava.__dict__ and "__reduce_ex__" not in twin.__dict__
+
+
+def test_each_thread_reads_its_own_records(llava):
+    import threading
+
+    seen = {}
+    with vlprune.pruned(llava, "fastervlm", keep=4) as h:
+        def run(i):
+            ids, mask = batch([prompt(text_before=(1, 7, 8 + i))])
+            with torch.inference_mode():
+                llava(input_ids=ids, attention_mask=mask, pixel_values=pixels(1, seed=20 + i))
+            seen[i] = [r.kept.tolist() for r in h.last]
+            with torch.inference_mode():  # another call of this thread replaces only this thread's view
+                llava(input_ids=ids, attention_mask=mask, pixel_values=pixels(1, seed=20 + i))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(6):
+            ids, mask = batch([prompt(text_before=(1, 7, 8 + i))])
+            with torch.inference_mode():
+                llava(input_ids=ids, attention_mask=mask, pixel_values=pixels(1, seed=20 + i))
+            assert seen[i] == [r.kept.tolist() for r in h.last], f"thread {i}"

@@ -1,6 +1,6 @@
 """vlprune: training-free visual-token pruning for vision-language models, as a reversible patch."""
 from . import methods as _methods_package  # noqa: F401  (registers the built-in methods)
-from .api import Handle, PatchConfig, patch, pruned
+from .api import Handle, PatchConfig, patch, pruned, unpatch
 from .embedded import load_embedded  # noqa: F401  (the offline default model: (model, processor))
 from .errors import VlpruneError
 from .methods.base import Context, Method, Selection, Signal
@@ -9,7 +9,7 @@ from .registry import register_method, register_patcher, supported_model_classes
 
 __version__ = "0.1.0"
 __all__ = [
-    "patch", "pruned", "methods", "Handle", "PatchConfig", "ImageRecord", "VlpruneError",
+    "patch", "pruned", "unpatch", "methods", "Handle", "PatchConfig", "ImageRecord", "VlpruneError",
     "Method", "Selection", "Signal", "Context", "Patcher", "register_method", "register_patcher",
     "supported_model_classes",
 ]

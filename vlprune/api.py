@@ -4,11 +4,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .budget import Budget
 from .errors import VlpruneError
+from .methods.base import Method
 from .registry import _METHODS, get_method, get_patcher, method_names
+
+if TYPE_CHECKING:
+    import torch
+
+    from .patcher import ImageRecord
 
 POSITIONS = ("contiguous", "original")
 
@@ -37,14 +46,14 @@ class PatchConfig:
 class Handle:
     """A live patch on one model. ``remove()`` restores the model exactly; a second call is harmless."""
 
-    def __init__(self, model, config: PatchConfig):
+    def __init__(self, model: torch.nn.Module, config: PatchConfig) -> None:
         self.model = model
         self.config = config
         cls = get_method(config.method)
         method = cls.create(**config.options)
         # a decoding method (damro) changes how tokens are generated, not which visual tokens the LM sees:
         # it is the handle's ``decoder``; ``method`` is the pruning it names (its ``pruner()``), budgeted as usual
-        self.decoder = None if cls.prunes else method
+        self.decoder: Method | None = None if cls.prunes else method
         if self.decoder is not None:
             method = self.decoder.pruner()
         if self.decoder is not None and self.decoder.prune is None:
@@ -52,7 +61,7 @@ class Handle:
                 raise VlpruneError(f"method={config.method!r} without prune= keeps every visual token; it takes no "
                                    f"ratio= or keep= (got ratio={config.ratio!r}, keep={config.keep!r}); name a "
                                    f"pruning method with prune=... to prune as well")
-            self.budget = Budget(ratio=0.0)  # the identity: the unpruned computation
+            self.budget: Budget | None = Budget(ratio=0.0)  # the identity: the unpruned computation
         elif type(method).budgeted:
             self.budget = Budget(ratio=config.ratio, keep=config.keep)
         elif config.ratio is not None or config.keep is not None:
@@ -60,18 +69,31 @@ class Handle:
                                f"it takes no ratio= or keep= (got ratio={config.ratio!r}, keep={config.keep!r})")
         else:
             self.budget = None
-        self.method = method
+        self.method: Method = method
         # record every option in effect, defaults included, so a saved config says what really ran
         self.config = config = dataclasses.replace(config, options=(self.decoder or method).options())
-        self.last: list = []  # ImageRecord per image of the most recent call
+        self._calls = threading.local()  # each thread's own last records (see ``last``)
+        self._last: list[ImageRecord] = []
         self.active = False
         self._disabled = False
         self._patcher = get_patcher(model)(model, self)
+
+    @property
+    def last(self) -> list[ImageRecord]:
+        """One :class:`ImageRecord` per image of the calling thread's most recent pruned call (a thread that
+        has made none sees the most recent call of any thread)."""
+        return getattr(self._calls, "last", self._last)
+
+    @last.setter
+    def last(self, records: list[ImageRecord]) -> None:
+        self._calls.last = self._last = records
 
     def _install(self) -> None:
         self.active = True
         try:
             self._patcher.install()
+            for name in ("__deepcopy__", "__reduce_ex__"):  # copy.deepcopy, pickle and torch.save look here first
+                self._patcher.ledger.set_attr(self.model, name, _refuse_copy)
         except BaseException:
             self.remove()
             raise
@@ -87,7 +109,7 @@ class Handle:
             del self.model.__dict__["_vlprune"]
 
     @contextlib.contextmanager
-    def disabled(self):
+    def disabled(self) -> Iterator[Handle]:
         """Temporarily run the model unpruned (e.g. for a side-by-side baseline)."""
         prev, self._disabled = self._disabled, True
         try:
@@ -95,40 +117,103 @@ class Handle:
         finally:
             self._disabled = prev
 
-    def __enter__(self):
+    def __enter__(self) -> Handle:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.remove()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"<vlprune.Handle {self.config.to_json()} on {type(self.model).__name__} ({state})>"
 
 
-def patch(model, method: str, *, ratio: float | None = None, keep: int | None = None,
-          positions: str = "contiguous", **method_options) -> Handle:
+def _method_config(method: str | Method, method_options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``patch``'s ``method`` (a registered name, or a method object carrying its options) as (name, options)."""
+    if isinstance(method, str):
+        return method, dict(method_options)
+    if isinstance(method, type) and issubclass(method, Method):
+        raise VlpruneError(f"method= takes a method name or a method object, not the class {method.__name__}; "
+                           f"write {method.__name__}(...) or method={method.name!r}")
+    if not isinstance(method, Method):
+        raise VlpruneError(f"method must be a method name (see vlprune.methods()) or a method object such as "
+                           f"vlprune.methods.FasterVLM(layer=-2); got method={method!r}")
+    name = type(method).name
+    if _METHODS.get(name) is not type(method):
+        raise VlpruneError(f"method object of class {type(method).__name__} is not a registered method; "
+                           f"register its class with @vlprune.register_method(name)")
+    if method_options:
+        raise VlpruneError(f"options given both in the method object ({method!r}) and as keyword arguments "
+                           f"({', '.join(sorted(method_options))}); give them in one place: "
+                           f"{type(method).__name__}(..., {next(iter(sorted(method_options)))}=...) or "
+                           f"method={name!r} with keywords")
+    return name, method.options()
+
+
+def patch(model: torch.nn.Module, method: str | Method, *, ratio: float | None = None, keep: int | None = None,
+          positions: str = "contiguous", **method_options: Any) -> Handle:
     """Prune the visual tokens of ``model`` with ``method``, in place, through hooks.
 
+    ``method`` is a registered name (``"fastervlm"``, with its options as keywords) or a method object
+    (``vlprune.methods.FasterVLM(layer=-3)``, options in the object, validated as keywords are).
     Exactly one of ``ratio`` (fraction of visual tokens removed, in [0, 1)) and ``keep`` (tokens kept
     per image, >= 1) - none for methods that are not budgeted (``visual_exit``). ``positions``: ``"contiguous"`` renumbers survivors' LM position ids as the papers
     do; ``"original"`` keeps each survivor's original position id. Other keywords are method options.
-    Patching an already patched model replaces the earlier patch.
+    Patching an already patched model replaces the earlier patch; if the new one fails (its arguments, or
+    while installing), the earlier patch is left, or put back, active, and the error says so.
     """
-    if positions not in POSITIONS:
-        raise VlpruneError(f"positions must be one of {', '.join(map(repr, POSITIONS))}; got positions={positions!r}")
-    config = PatchConfig(method=method, ratio=ratio, keep=keep, positions=positions, options=dict(method_options))
-    handle = Handle(model, config)  # validates everything before the model is touched
-    previous = model.__dict__.get("_vlprune")
-    if previous is not None:
+    previous = getattr(model, "__dict__", {}).get("_vlprune")
+    try:
+        if positions not in POSITIONS:
+            raise VlpruneError(f"positions must be one of {', '.join(map(repr, POSITIONS))}; "
+                               f"got positions={positions!r}")
+        name, options = _method_config(method, method_options)
+        config = PatchConfig(method=name, ratio=ratio, keep=keep, positions=positions, options=options)
+        handle = Handle(model, config)  # validates everything before the model is touched
+        if previous is None:
+            handle._install()
+            return handle
         previous.remove()
+        try:
+            handle._install()  # undoes its own partial install on failure
+        except BaseException:
+            _reinstall(previous)
+            raise
+        return handle
+    except VlpruneError as err:
+        if previous is None or not previous.active:
+            raise
+        raise VlpruneError(f"{err}; the earlier patch (method={previous.config.method!r}) is still active") from err
+    except Exception as err:
+        if previous is not None and previous.active and hasattr(err, "add_note"):  # add_note: Python >= 3.11
+            err.add_note(f"vlprune: the earlier patch (method={previous.config.method!r}) is still active")
+        raise
+
+
+def _refuse_copy(*_args) -> None:
+    raise VlpruneError("a patched model cannot be deep-copied or pickled: its hooks and wrappers belong to this "
+                       "instance and would run the original's weights; call vlprune.unpatch(model), copy or save "
+                       "the plain model (save_pretrained and state_dict work while patched), then patch the copy")
+
+
+def _reinstall(handle: Handle) -> None:
+    """Put a removed handle back on its model, with a fresh patcher (as on its first install)."""
+    handle._patcher = get_patcher(handle.model)(handle.model, handle)
     handle._install()
-    return handle
+
+
+def unpatch(model: torch.nn.Module) -> bool:
+    """Remove whatever vlprune patch is on ``model``; True if one was removed, False if there was none."""
+    handle = getattr(model, "__dict__", {}).get("_vlprune")
+    if handle is None:
+        return False
+    handle.remove()
+    return True
 
 
 @contextlib.contextmanager
-def pruned(model, method: str, **kwargs):
+def pruned(model: torch.nn.Module, method: str | Method, **kwargs: Any) -> Iterator[Handle]:
     """``with vlprune.pruned(model, "fastervlm", ratio=0.75) as handle: ...`` - removed on exit, even on error."""
     handle = patch(model, method, **kwargs)
     try:

@@ -5,6 +5,7 @@ on) and installs its hooks through ``self.ledger`` so that :meth:`remove` undoes
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,29 @@ class ImageRecord:
     scores: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     outliers: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        """Short: counts and the first kept indices, not every score (``print(handle.last)`` stays readable).
+        A subclass declared with ``@dataclass(repr=False)`` shows its own fields the same way."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue  # an optional field left empty
+            parts.append(f"{f.name}={_short(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _short(value, head: int = 3, limit: int = 6) -> str:
+    """A tensor in a few characters: a 1-D index tensor's first values, otherwise its size."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    if value.dim() == 1 and not value.is_floating_point() and not value.is_complex():
+        shown = value[:limit if value.numel() <= limit else head].tolist()
+        return "[" + ", ".join(map(str, shown)) + (", ...]" if value.numel() > limit else "]")
+    if value.dim() == 1:
+        return f"{value.numel()} values"
+    return "x".join(map(str, value.shape)) if value.dim() else repr(value.item())
 
 
 class Patcher:
