@@ -393,3 +393,22 @@ def test_threads_get_the_outputs_of_serial_calls(family_llava_hf, method):
             threaded = list(pool.map(call, inputs * 2))
     for i, got in enumerate(threaded):
         assert torch.equal(got, serial[i % 8]), f"thread call {i}"
+
+
+@pytest.mark.parametrize("method", supported("llava_hf"))
+def test_non_finite_pixels_give_a_clear_error_or_unique_tokens(family_llava_hf, method):
+    """NaN/inf in the image: the method either says so (VlpruneError) or keeps distinct tokens, as many as
+    the budget says; the unpatched model itself just computes NaNs."""
+    model = family_llava_hf.model
+    inp = family_llava_hf.pair()
+    inp["pixel_values"] = inp["pixel_values"].clone()
+    inp["pixel_values"][0, :, :8] = float("nan")
+    inp["pixel_values"][1, :, -8:] = float("inf")
+    with vlprune.pruned(model, method, **budget(method, keep=8)) as h:
+        try:
+            family_llava_hf.forward(inp)
+        except vlprune.VlpruneError as err:
+            assert "pixel" in str(err) or "NaN" in str(err)
+            return
+        for rec in h.last:
+            assert len(set(rec.kept.tolist())) == rec.after
