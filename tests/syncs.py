@@ -34,6 +34,21 @@ def _bool_index(args) -> bool:
     return any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts)
 
 
+def _vlprune_caller(frame) -> tuple[str, int] | None:
+    """(file, line) of the innermost non-torch caller above ``frame`` when it is vlprune's, else None."""
+    while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(TORCH):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    path = os.path.realpath(frame.f_code.co_filename)
+    return (path, frame.f_lineno) if path.startswith(ROOTS) else None
+
+
+def _explained(path: str, line: int) -> bool:
+    """A ``# host sync:`` comment on the line or the one above."""
+    return MARKER in linecache.getline(path, line) + linecache.getline(path, line - 1)
+
+
 class SyncRecorder(TorchFunctionMode):
     """Records (file, line, call) for each syncing call whose innermost non-torch caller is vlprune's."""
 
@@ -47,22 +62,18 @@ class SyncRecorder(TorchFunctionMode):
             name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
             and (kwargs or {}).get("output_size") is None)
         if syncing:
-            frame = sys._getframe(1)
-            while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(TORCH):
-                frame = frame.f_back
-            if frame is not None:
-                path = os.path.realpath(frame.f_code.co_filename)
-                if path.startswith(ROOTS):
-                    self.sites.setdefault((path, frame.f_lineno), name)
+            site = _vlprune_caller(sys._getframe(1))
+            if site is not None:
+                self.sites.setdefault(site, name)
         return func(*args, **(kwargs or {}))
 
     def unexplained(self) -> list[str]:
         """Sites without a ``# host sync:`` comment on their line or the line above, as 'file:line call: code'."""
         out = []
         for (path, line), name in sorted(self.sites.items()):
-            here, above = linecache.getline(path, line), linecache.getline(path, line - 1)
-            if MARKER not in here and MARKER not in above:
-                out.append(f"{Path(path).relative_to(Path(path).parents[1])}:{line} {name}: {here.strip()}")
+            if not _explained(path, line):
+                code = linecache.getline(path, line).strip()
+                out.append(f"{Path(path).relative_to(Path(path).parents[1])}:{line} {name}: {code}")
         return out
 
 
