@@ -118,10 +118,12 @@ class LlavaHF(Patcher):
         hidden = args[0] if args else kwargs["hidden_states"]
         state = self._enc
         keep, state["score"], counts = self._encoder_step(layer, self.taps.take(), state)
-        if keep is not None:
+        if keep is not None:  # the real tokens and the mask hiding the padding change only at a cut
             state["orig"], state["counts"] = state["orig"].gather(1, keep), counts
             hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
-        mask = padding_mask(state["counts"], hidden)
+            state["real"] = real_tokens(counts, keep.shape[1], hidden.device)
+            state["mask"] = padding_mask(state["real"], hidden.dtype)
+        mask = state["mask"]
         if keep is None and mask is None:  # the method only updated its running score
             return None
         if len(args) >= 2:  # CLIP / DINOv2 layers take (hidden_states, attention_mask, ...)
@@ -139,16 +141,15 @@ class LlavaHF(Patcher):
 
     def _real_keys(self):
         """The real tokens ([CLS] included) of the hidden states now entering a layer, or None if unpadded."""
-        state = self._enc
-        if not state or state["counts"] is None:
-            return None
-        return real_tokens(state["counts"], state["orig"].shape[1], state["orig"].device)
+        return self._enc["real"] if self._enc else None
 
     @staticmethod
     def _encoder_state(n: int, batch: int, k: int, device) -> dict:
         """A call's in-encoder state: each image's surviving patch indices, the method's score, the target,
-        and the real tokens per image (None while every image keeps the same count)."""
-        return {"orig": torch.arange(n, device=device).expand(batch, -1), "score": None, "target": k, "counts": None}
+        the real tokens per image, and, while images keep different counts, which keys are real (with
+        [CLS]) and the attention mask that hides the others (None otherwise)."""
+        return {"orig": torch.arange(n, device=device).expand(batch, -1), "score": None, "target": k,
+                "counts": None, "real": None, "mask": None}
 
     def _select(self, feats):
         if self.handle.method.stage == "in_encoder":  # already pruned inside the encoder

@@ -75,25 +75,27 @@ def compact(keep: torch.Tensor, tensors: dict, right_padded: torch.Tensor | bool
     return out
 
 
+def leading(counts: list[int], t: int, device) -> torch.Tensor:
+    """(B, t) True for each row's first ``counts[i]`` positions (a padded batch's real tokens come first)."""
+    return torch.arange(t, device=device) < torch.tensor(counts, device=device)[:, None]
+
+
 def real_tokens(counts: list[int] | None, t: int, device) -> torch.Tensor | None:
     """(B, 1 + t) True for [CLS] and each row's first ``counts[i]`` patch tokens, the real ones of a padded
     batch; None when no row is padded."""
     if counts is None or min(counts) == t:
         return None
-    real = torch.arange(t, device=device) < torch.tensor(counts, device=device)[:, None]
+    real = leading(counts, t, device)
     return torch.cat([real.new_ones(real.shape[0], 1), real], dim=1)
 
 
-def padding_mask(counts: list[int] | None, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The additive attention mask (B, 1, T, T) that hides a padded batch's padding keys: row i of ``hidden``
-    (B, T, D) holds [CLS] and ``counts[i]`` real tokens first. None when no row is padded."""
-    t = hidden.shape[1] - 1
-    keys = real_tokens(counts, t, hidden.device)
-    if keys is None:
+def padding_mask(real: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive attention mask (B, 1, T, T) that hides the keys ``real`` (B, T) marks False (a padded
+    batch's padding); None when ``real`` is None (no row is padded)."""
+    if real is None:
         return None
-    mask = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
-    mask = mask.masked_fill(~keys, torch.finfo(hidden.dtype).min)
-    return mask[:, None, None, :].expand(-1, 1, t + 1, -1)
+    mask = torch.zeros(real.shape, dtype=dtype, device=real.device).masked_fill(~real, torch.finfo(dtype).min)
+    return mask[:, None, None, :].expand(-1, 1, real.shape[1], -1)
 
 
 def with_caller_prompt(out, prompt: torch.Tensor, short: torch.Tensor):

@@ -18,9 +18,10 @@ The paper agrees on the schedule (score every layer, EMA 0.5/0.5, cut every two 
 H_max as the entropy of uniform attention, which over the patches A covers is the code's log(patches).
 Named options for where its pseudocode (Algorithm 1) reads otherwise: ``scale_semantic=True`` divides
 S's logits by sqrt(head_dim); ``entropy_max="tokens"`` normalises by log(patches + 1), its log(N) with
-N the sequence length counting [CLS] (this package's reading before it was checked against the code). Deliberate departure: with a batch the released code applies the
-largest count over its images to all of them, so an image's result depends on its batch-mates; here
-every image gets its own count (a batch equals its single runs).
+N the sequence length counting [CLS] (this package's reading before it was checked against the code).
+Deliberate departure: with a batch the released code applies the largest count over its images to all
+of them, so an image's result depends on its batch-mates; here every image gets its own count (a batch
+equals its single runs).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpruneError
 from ..registry import register_method
+from ..sequence import leading
 from .base import Context, Method, Selection, Signal
 
 ENTROPY_MAX = ("patches", "tokens")
@@ -109,9 +111,7 @@ class FlowCut(Method):
         counts = [t] * b if counts is None else counts
         if max(counts) <= target:  # already at the budget: the released code stops scoring too
             return None, state, counts
-        valid = None
-        if min(counts) < t:
-            valid = torch.arange(t, device=device) < torch.tensor(counts, device=device)[:, None]
+        valid = leading(counts, t, device) if min(counts) < t else None
         score, attn = self.layer_score(layer, signals, valid)
         cum = score if state is None else self.ema * state + (1.0 - self.ema) * score
         if remaining % self.every:
@@ -125,8 +125,7 @@ class FlowCut(Method):
         ranked = cum if valid is None else cum.masked_fill(~valid, float("-inf"))
         top = ranked.topk(width, dim=-1).indices  # best first
         if min(new) < width:  # shorter rows: their real tokens first, then padding (masked downstream)
-            real = torch.arange(width, device=top.device) < torch.tensor(new, device=top.device)[:, None]
-            keep = top.gather(1, torch.where(real, top, top + t).argsort(dim=-1))
+            keep = top.gather(1, torch.where(leading(new, width, device), top, top + t).argsort(dim=-1))
         else:
             keep = top.sort(dim=-1).values
         return keep, cum.gather(1, keep), new
