@@ -98,9 +98,6 @@ def time_ms(fn, device, repeats: int, warmup: int = 1, least: int = 3) -> Timing
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 1) -> float:
-    return time_ms(fn, device, repeats, warmup).median
-
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -175,7 +172,6 @@ class PeakMemory:
 def measure(model, prefill, generate, args, geo) -> dict:
     """Latencies, peak memory, LM length and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures)."""
     device = args.device
-    prefill_once = prefill
     rec = geo.recorder(model)
     try:  # the warm-up run also records the lengths each layer sees
         with torch.inference_mode():
@@ -184,9 +180,9 @@ def measure(model, prefill, generate, args, geo) -> dict:
         lm_tokens = (rec.decoder[0][1], rec.decoder[-1][1]) if rec.decoder else (0, 0)
     finally:
         rec.close()
-    prefill = time_ms(prefill, device, args.repeats, warmup=0)
+    timed = time_ms(prefill, device, args.repeats, warmup=0)
     with PeakMemory(device) as mem, torch.inference_mode():
-        prefill_once()
+        prefill()
     new = args.new_tokens
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     reps = max(1, args.repeats // 2)
@@ -195,8 +191,8 @@ def measure(model, prefill, generate, args, geo) -> dict:
     decode = (e2e.median - first.median) / max(1, new - 1)
     # the difference of two medians is noise when it is within their ranges (or negative): marked, not shown bare
     noisy = e2e.median - first.median <= e2e.spread + first.spread
-    return {"prefill_ms": prefill.median, "prefill_low_ms": prefill.low, "prefill_high_ms": prefill.high,
-            "prefill_n": prefill.n, "decode_ms_per_token": decode, "decode_noise": noisy,
+    return {"prefill_ms": timed.median, "prefill_low_ms": timed.low, "prefill_high_ms": timed.high,
+            "prefill_n": timed.n, "decode_ms_per_token": decode, "decode_noise": noisy,
             "generate_ms": e2e.median, "peak_mem_mb": mem.peak_mb, "lm_tokens": lm_tokens[0],
             "lm_tokens_last_layer": lm_tokens[1], "tflops": flops["total"] / 1e12,
             "vision_tflops": flops["vision"] / 1e12, "llm_tflops": flops["llm"] / 1e12}
