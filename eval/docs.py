@@ -1,9 +1,9 @@
-"""The README's methods and models tables, generated from the registry so they cannot go stale.
+"""The documentation's tables, generated from the registry, and its quoted results, read from their files.
 
-``python -m vlprune.eval.docs --write`` rewrites the blocks between the marker comments
-``<!-- methods-table -->`` ... ``<!-- /methods-table -->`` (and the same for ``models-table``) in
-README.md; ``--check`` exits 1 where they differ from what the registry says now. ``tests/test_readme.py``
-runs the same comparison.
+The pages are README.md and ``docs/*.md``. ``python -m vlprune.eval.docs --write`` rewrites every block
+between marker comments (``<!-- methods-table -->`` ... ``<!-- /methods-table -->``, one page holds each)
+and every ``<!-- include: PATH -->`` quote; ``--check`` exits 1 where a page differs from what the
+registry and the committed results say now. ``tests/test_readme.py`` runs the same comparison.
 """
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ from pathlib import Path
 import vlprune
 from vlprune import registry
 
-README = Path(__file__).resolve().parent.parent / "README.md"  # the source checkout (editable install)
-BLOCKS = ("methods-table", "released-table", "models-table", "support-table")
+ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
+README = ROOT / "README.md"
+BLOCKS = ("methods-list", "methods-table", "released-table", "models-table", "support-table")
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md, then the ``docs/`` pages it links to."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def _doc_line(obj) -> str:
@@ -49,6 +55,11 @@ def signals_of(cls) -> str:
         kinds = ", ".join(dict.fromkeys(s.kind for s in method.encoder_signals(0)))
         return f"{kinds} after every encoder layer up to the last cut"
     return ", ".join(f"{s.kind}@{s.layer}" for s in method.signals()) or "-"
+
+
+def methods_list() -> str:
+    """One line per registered method, for the README (the full table is on docs/methods.md)."""
+    return "\n".join(f"- `{name}` — {summary}" for name, summary in vlprune.methods().items())
 
 
 def methods_table() -> str:
@@ -122,7 +133,7 @@ def support_table() -> str:
 
 def render_tables() -> dict[str, str]:
     """Marker name -> the Markdown table that belongs between that marker pair."""
-    return {"methods-table": methods_table(), "released-table": released_table(), "models-table": models_table(),
+    return {"methods-list": methods_list(), "methods-table": methods_table(), "released-table": released_table(), "models-table": models_table(),
             "support-table": support_table()}
 
 
@@ -150,45 +161,58 @@ def includes(text: str) -> dict[str, str]:
     return {m.group(2): m.group(3).strip() for m in INCLUDE.finditer(text)}
 
 
-def update(text: str) -> str:
-    """``text`` with every marker block replaced by the generated table and every include by its file."""
+def update(text: str, root: Path = ROOT) -> str:
+    """``text`` with each marker block it holds replaced by the generated table and every include by its file."""
     for name, table in render_tables().items():
-        pattern = _pattern(name)
-        if not pattern.search(text):
-            raise ValueError(f"README has no <!-- {name} --> ... <!-- /{name} --> block")
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3).lstrip("\n"), text, count=1)
-    root = README.parent
+        text = _pattern(name).sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(3).lstrip("\n"), text, count=1)
 
     def quote(m):
         path = root / m.group(2)
         if not path.is_file():
-            raise ValueError(f"README includes {m.group(2)}, which does not exist")
+            raise ValueError(f"a page includes {m.group(2)}, which does not exist")
         return m.group(1) + path.read_text(encoding="utf-8").strip() + "\n" + m.group(4).lstrip("\n")
 
     return INCLUDE.sub(quote, text)
 
 
+def block_homes(root: Path = ROOT) -> dict[str, list[Path]]:
+    """Marker name -> the pages that hold it (each block belongs on exactly one page)."""
+    homes: dict[str, list[Path]] = {name: [] for name in BLOCKS}
+    for page in pages(root):
+        for name in read_blocks(page.read_text(encoding="utf-8")):
+            homes[name].append(page)
+    return homes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vlprune.eval.docs", description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", type=Path, default=README, help=f"the README to read or rewrite (default: {README})")
+    ap.add_argument("--root", type=Path, default=ROOT,
+                    help=f"the checkout whose README.md and docs/*.md to read or rewrite (default: {ROOT})")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rewrite the table blocks in the README")
-    mode.add_argument("--check", action="store_true", help="exit 1 if the README's tables are out of date")
+    mode.add_argument("--write", action="store_true", help="rewrite the generated blocks and quotes in the pages")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a page's blocks or quotes are out of date")
     args = ap.parse_args(argv)
     if not (args.write or args.check):
         for name, table in render_tables().items():
             print(f"<!-- {name} -->\n{table}\n<!-- /{name} -->\n")
         return 0
-    text = args.readme.read_text(encoding="utf-8")
-    new = update(text)
-    if args.check:
-        if new != text:
-            print(f"{args.readme}: tables are out of date; run python -m vlprune.eval.docs --write", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        args.readme.write_text(new, encoding="utf-8")
-        print(f"updated {args.readme}")
+    misplaced = {name: where for name, where in block_homes(args.root).items() if len(where) != 1}
+    if misplaced:
+        ap.error("each generated block must sit on exactly one page: " + "; ".join(
+            f"{name} on {[str(p.relative_to(args.root)) for p in where] or 'none'}" for name, where in misplaced.items()))
+    stale = []
+    for page in pages(args.root):
+        text = page.read_text(encoding="utf-8")
+        new = update(text, args.root)
+        if new == text:
+            continue
+        stale.append(page)
+        if args.write:
+            page.write_text(new, encoding="utf-8")
+            print(f"updated {page}")
+    if args.check and stale:
+        print(", ".join(str(p) for p in stale) + ": out of date; run python -m vlprune.eval.docs --write", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -254,6 +254,43 @@ def test_load_embedded_answers_and_patches(tmp_path):
     assert isinstance(processor.tokenizer.decode(out[0, -2:], skip_special_tokens=True), str)
 
 
+@needs_weights
+def test_the_chat_template_asks_in_the_wording_the_model_was_trained_on(tmp_path):
+    """``apply_chat_template`` gives the LLaVA-1.5 prompt of training (string or image/text parts), the
+    shipped model answers through it as through the plain wording, and a written checkpoint carries it."""
+    import vlprune
+    from vlprune.embedded import asset_dir, evaluate
+    from vlprune.embedded import model as emb
+
+    try:
+        asset_dir()
+    except FileNotFoundError:
+        pytest.skip("no trained embedded checkpoint in assets/embedded")
+    model, processor = vlprune.load_embedded()
+    items = scenes.test_items(24)
+    asked = []
+    for item in items:
+        parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}]
+        text = processor.apply_chat_template(parts, add_generation_prompt=True)
+        plain = [{"role": "user", "content": "<image>\n" + item["question"]}]
+        assert text == scenes.prompt(item["question"]) == processor.apply_chat_template(plain, add_generation_prompt=True)
+        inputs = processor(images=item["image"], text=text, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=4)
+        asked.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert asked == evaluate.answers(model, processor, items)  # the plain-wording path
+    assert evaluate.score(items, asked)["all"] >= 0.75, asked
+    turns = [{"role": "user", "content": "<image>\nwhat color is the cross ?"}, {"role": "assistant", "content": "green"},
+             {"role": "user", "content": "what shape is the green object ?"}]
+    assert processor.apply_chat_template(turns, add_generation_prompt=True) == (
+        "USER: <image>\nwhat color is the cross ? ASSISTANT: green </s> USER: what shape is the green object ? ASSISTANT:")
+    tok = emb.build_tokenizer()
+    emb.save(emb.build_model(tok, vision=False), tok, tmp_path / "ckpt")
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(tmp_path / "ckpt").chat_template == emb.CHAT_TEMPLATE
+
+
 def _keys(path):
     from safetensors import safe_open
 

