@@ -1,8 +1,8 @@
 """Functions of the offline lmms-eval task ``vlprune_scenes`` (``eval/tasks/vlprune_scenes``).
 
 The task's data file ``items.jsonl`` lists the pinned held-out split of the embedded model's synthetic
-scenes (``vlprune.embedded.scenes.test_items``: index, question type, question, answer); the picture of
-item ``index`` is drawn again from its seed when lmms-eval asks for it, so no image is shipped and the
+scenes (``vlprune.embedded.scenes.test_items``: index, scene, question type, question, answer); the
+picture of test-seed scene ``scene`` is drawn again when lmms-eval asks for it, so no image is shipped and the
 pixels are exactly those the split defines. Scoring is exact match of the greedy answer, overall and per
 question type (``acc_color`` ... ``acc_shape``), as ``vlprune.embedded.evaluate`` scores.
 """
@@ -29,7 +29,7 @@ def scene(index: int):
 
 
 def doc_to_visual(doc):
-    return [scene(doc["index"]).pil()]
+    return [scene(doc["scene"]).pil()]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
@@ -54,8 +54,8 @@ def write_items(path: Path = ITEMS, n: int = scenes.TEST_SIZE) -> None:
     """Regenerate ``items.jsonl`` from the pinned split (``python -m vlprune.eval.scenes_task``)."""
     with open(path, "w") as f:
         for it in scenes.test_items(n):
-            f.write(json.dumps({"index": it["index"], "qtype": it["qtype"], "question": it["question"],
-                                "answer": it["answer"]}) + "\n")
+            f.write(json.dumps({"index": it["index"], "scene": it["scene"], "qtype": it["qtype"],
+                                "question": it["question"], "answer": it["answer"]}) + "\n")
 
 
 if __name__ == "__main__":

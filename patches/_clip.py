@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from vlprune import signals as sig
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Signal
+from vlprune.builtin_methods.base import Signal
 
 QK_KINDS = ("cls_attention", "cls_attention_joint", "attention_received", "keys", "cls_query", "cls_key")
 V_KINDS = ("values", "cls_value")

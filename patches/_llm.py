@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Context, Selection, Signal
+from vlprune.builtin_methods.base import Context, Selection, Signal
 from vlprune.sequence import is_right_padded, keep_mask
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Selection
+from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import gather_tokens, grid_shape

@@ -64,7 +64,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Context, Signal
+from vlprune.builtin_methods.base import Context, Signal
 from vlprune.patcher import ImageRecord
 from vlprune.registry import register_patcher
 from vlprune.sequence import block_rows, placeholder_positions

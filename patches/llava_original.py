@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Selection
+from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import ImageRecord
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape

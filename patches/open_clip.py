@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Selection
+from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import Patcher
 from vlprune.registry import register_patcher
 

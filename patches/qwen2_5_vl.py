@@ -59,7 +59,7 @@ import torch
 
 from vlprune import signals as sig
 from vlprune.errors import VlpruneError
-from vlprune.methods.base import Context, Selection, Signal
+from vlprune.builtin_methods.base import Context, Selection, Signal
 from vlprune.patcher import ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.sequence import (

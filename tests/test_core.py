@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import vlprune
 from vlprune import signals
 from vlprune.budget import Budget
-from vlprune.methods.base import Context, Signal
+from vlprune.builtin_methods.base import Context, Signal
 from vlprune.registry import get_method
 from vlprune.select import grid_cells, topk_indices
 from vlprune.sequence import compact, keep_mask, placeholder_positions
@@ -19,7 +19,7 @@ def test_methods_listing():
     assert {"fastervlm", "random", "uniform", "pool"} <= set(listed)
     assert all(isinstance(s, str) and s for s in listed.values())
     # the subpackage stays importable although it is also the callable vlprune.methods()
-    from vlprune.methods import fastervlm
+    from vlprune.builtin_methods import fastervlm
 
     assert fastervlm.FasterVLM.name == "fastervlm"
 
@@ -198,7 +198,9 @@ def test_divprune_never_picks_a_token_twice_on_non_finite_features():
 def test_method_classes_are_exported_and_methods_stays_callable():
     assert vlprune.methods.FasterVLM is get_method("fastervlm")
     assert vlprune.methods.PruMergePlus is get_method("prumerge_plus")
-    assert "FasterVLM" in vlprune.methods.__all__ and "KeepAll" not in vlprune.methods.__all__  # registered only
+    assert "FasterVLM" in dir(vlprune.methods) and "KeepAll" not in dir(vlprune.methods)  # registered only
+    with pytest.raises(AttributeError, match="no method class .KeepAll.; registered: DAMRO"):
+        vlprune.methods.KeepAll
     assert vlprune.methods()["fastervlm"] == get_method("fastervlm").summary
     assert "unpatch" in vlprune.__all__ and vlprune.unpatch is vlprune.api.unpatch
 

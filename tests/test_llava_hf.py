@@ -326,7 +326,7 @@ def test_pipeline_on_patched_model(llava):
 
 def test_every_clip_signal_kind_matches_an_eager_reference(llava_path):
     from vlprune.hooks import Ledger
-    from vlprune.methods.base import Signal
+    from vlprune.builtin_methods.base import Signal
     from vlprune.patches._clip import KINDS, ClipTaps
 
     eager = load(llava_path, attn_implementation="eager")

@@ -1,4 +1,4 @@
-"""damro: contrastive decoding against the [CLS]-attention outlier tokens (vlprune/methods/damro.py,
+"""damro: contrastive decoding against the [CLS]-attention outlier tokens (vlprune/builtin_methods/damro.py,
 patches/_contrast.py). The formula on hand-made tensors; on the tiny LLaVA: the identity at alpha 0,
 the batched machinery at beta 1 (only the full pass's top token survives, so greedy output must equal
 the unpatched model's), the captured logits against an independent computation of both passes, the
@@ -11,7 +11,7 @@ import torch
 import vlprune
 from test_contract import gen, hook_state, no_hooks_left, run
 from tiny import IMAGE_TOKEN, batch, load, pixels, prompt
-from vlprune.methods.damro import DAMRO
+from vlprune.builtin_methods.damro import DAMRO
 
 N = 16
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from vlprune.methods.base import Context
-from vlprune.methods.divprune import cosine_distances, farthest_points
+from vlprune.builtin_methods.base import Context
+from vlprune.builtin_methods.divprune import cosine_distances, farthest_points
 from vlprune.registry import get_method
 
 

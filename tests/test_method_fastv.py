@@ -5,7 +5,7 @@ import torch
 import vlprune
 from test_contract import LMInputs, gen, run
 from tiny import IMAGE_TOKEN, batch, load, pixels, prompt
-from vlprune.methods.base import Context, Signal
+from vlprune.builtin_methods.base import Context, Signal
 from vlprune.registry import get_method
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.methods.base import Context, Signal
-from vlprune.methods.holov import allocate, crop_layout
+from vlprune.builtin_methods.base import Context, Signal
+from vlprune.builtin_methods.holov import allocate, crop_layout
 from vlprune.registry import get_method
 
 ATT = Signal("cls_attention", -2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.methods.base import Context, Signal
-from vlprune.methods.prumerge_plus import PruMergePlus, full_width_cls_attention
+from vlprune.builtin_methods.base import Context, Signal
+from vlprune.builtin_methods.prumerge_plus import PruMergePlus, full_width_cls_attention
 from vlprune.registry import get_method
 
 Q, K, KC = Signal("cls_query", -1), Signal("keys", -1), Signal("cls_key", -1)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.methods.base import Context, Signal
-from vlprune.methods.tcc import allocate
+from vlprune.builtin_methods.base import Context, Signal
+from vlprune.builtin_methods.tcc import allocate
 from vlprune.registry import get_method
 
 ATT, KEYS = Signal("cls_attention", -2), Signal("keys", -2)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.methods.base import Context, Signal
+from vlprune.builtin_methods.base import Context, Signal
 from vlprune.registry import get_method
 
 

@@ -201,7 +201,7 @@ def test_cls_row_equals_the_full_attention_weights(clip, layer):
 def test_cls_row_per_head_and_keys_from_the_fused_projection(clip):
     """The taps themselves, head by head, against need_weights=True and a hand-split in-projection."""
     from vlprune.hooks import Ledger
-    from vlprune.methods.base import Signal
+    from vlprune.builtin_methods.base import Signal
     from vlprune.patches.open_clip import _AttentionTaps
 
     x = images()

@@ -495,7 +495,7 @@ def test_keys_and_global_token_are_unit_and_image_means(qwen):
     rotary) in raster order, [CLS] query/key = the image's mean patch query/key."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-    from vlprune.methods.prumerge_plus import full_width_cls_attention
+    from vlprune.builtin_methods.prumerge_plus import full_width_cls_attention
 
     batch = inputs(*TWO_SIZES)
     vis = qwen.model.visual

@@ -9,7 +9,7 @@ Three comparisons, on the sharpened tiny LLaVA of ``released`` (576 and 256 patc
 3. the first generated step end to end: the released pipeline (each prompt alone, its full pass and its
    outlier-only pass) against vlprune's batched generate.
 
-vlprune's module docstring (``vlprune/methods/damro.py``) names two deviations from the reference code and
+vlprune's module docstring (``vlprune/builtin_methods/damro.py``) names two deviations from the reference code and
 one option. The oracle implements the released behaviour and each as a named switch, and the tests turn on
 exactly those: ``raster`` (outliers reach the LM in raster order, not in descending score order),
 ``processors`` (generate's logits processors run on the combined logits) and, for ``scoring="head_mean"``
@@ -24,7 +24,7 @@ import torch
 import released
 import tiny
 import vlprune
-from vlprune.methods.damro import DAMRO
+from vlprune.builtin_methods.damro import DAMRO
 
 #: the released run scripts' settings: LLaVA-1.5 (alpha 2, k 10) and InstructBLIP's POPE / CHAIR (k 4)
 SETTINGS = [(2.0, 0.1, 10), (0.5, 0.1, 4), (1.5, 0.1, 4)]

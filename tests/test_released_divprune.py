@@ -1,6 +1,6 @@
 """DivPrune against an independent re-implementation of its released code, on the same projected tokens.
 
-vlprune's ``divprune`` (farthest-point greedy on cosine distances, ``vlprune/methods/divprune.py``) must
+vlprune's ``divprune`` (farthest-point greedy on cosine distances, ``vlprune/builtin_methods/divprune.py``) must
 keep exactly the tokens the authors' greedy loop keeps, on the projected features of a sharpened tiny
 LLaVA (576 and 256 patches, two different images, two budgets each). The released code runs on batch
 row 0 of ``new_input_embeds`` only (batch size 1); the oracle runs it once per image, which is what

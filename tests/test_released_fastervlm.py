@@ -1,6 +1,6 @@
 """FasterVLM against an independent re-implementation of its released code, on the same captured attention.
 
-vlprune's ``fastervlm`` (``vlprune/methods/fastervlm.py``) must keep exactly the patches the authors' code
+vlprune's ``fastervlm`` (``vlprune/builtin_methods/fastervlm.py``) must keep exactly the patches the authors' code
 keeps, and its per-patch scores must be the score that code ranks by, on a sharpened tiny LLaVA (576 and
 256 patches, two different images, two budgets each).
 

@@ -1,7 +1,7 @@
 """FastV against an independent re-implementation of its released code, on the same LM attention.
 
 vlprune's ``fastv`` drops image tokens at decoder layer K (default 2) ranked by the last prompt token's
-head-mean attention at layer K-1 (``vlprune/methods/fastv.py``, row computed in ``patches/_llm.py``
+head-mean attention at layer K-1 (``vlprune/builtin_methods/fastv.py``, row computed in ``patches/_llm.py``
 from that layer's q/k). The oracle takes the attention of layer K-1 from an *unpatched* run of the same
 tiny LLaVA with eager attention and ``output_attentions`` (the tensor the released code reads,
 ``layer_outputs[1]``), and ranks it as the released code does. Both rows of a left-padded batch whose

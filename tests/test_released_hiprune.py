@@ -1,6 +1,6 @@
 """HiPrune against an independent re-implementation of its released code, on the same captured attention.
 
-vlprune's ``hiprune`` (``vlprune/methods/hiprune.py``) is compared with the authors' LLaVA code on a sharpened
+vlprune's ``hiprune`` (``vlprune/builtin_methods/hiprune.py``) is compared with the authors' LLaVA code on a sharpened
 tiny LLaVA (576 and 256 patches, two different images, budgets 64 and 100 at the default alpha plus one
 setting with more anchors; budgets picked so that no pick is decided by a near-tie, which the global
 attention's smooth scores make common):

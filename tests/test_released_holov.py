@@ -3,7 +3,7 @@
 The oracle (``released_holov``) follows the authors' selection step by step on the projected features of
 a sharpened tiny LLaVA (576 and 256 patches, two different images) and layer -2's head-mean [CLS]
 attention. vlprune's ``holov`` departs from it on purpose in five documented ways (module docstring of
-``vlprune/methods/holov.py``); the oracle has a switch for each one that changes a selection, and the
+``vlprune/builtin_methods/holov.py``); the oracle has a switch for each one that changes a selection, and the
 tests show both directions:
 
 - with the options that restore the release (``crops_1d=True, reference_singleton_scale=True`` and the

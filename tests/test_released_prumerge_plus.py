@@ -1,6 +1,6 @@
 """PruMerge+ against an independent re-implementation of its released code, on the same captured tensors.
 
-vlprune's ``prumerge_plus`` (``vlprune/methods/prumerge_plus.py``) must score, select and merge as the
+vlprune's ``prumerge_plus`` (``vlprune/builtin_methods/prumerge_plus.py``) must score, select and merge as the
 authors' code does, up to the deviations its module docstring names, each a switch of the oracle:
 
 - ``exactly_k``: always k tokens - the IQR outliers capped at k, or topped up with the centres of the

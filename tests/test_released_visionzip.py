@@ -1,6 +1,6 @@
 """VisionZip against an independent re-implementation of its released code, on the same captured tensors.
 
-vlprune's ``visionzip`` (``vlprune/methods/visionzip.py``) must keep the dominant patches and build the
+vlprune's ``visionzip`` (``vlprune/builtin_methods/visionzip.py``) must keep the dominant patches and build the
 contextual tokens exactly as the authors' code does, up to the deviations its module docstring names:
 
 - ``patch_tokens_only``: the released code spends one of its ``dominant`` slots on the [CLS] token; ours
@@ -19,7 +19,7 @@ import pytest
 import released
 import torch
 
-from vlprune.methods.visionzip import VisionZip
+from vlprune.builtin_methods.visionzip import VisionZip
 
 BUDGETS = (64, 144)
 TIE_REL = 1e-5  # relative gap (to the top score) required at every selection boundary

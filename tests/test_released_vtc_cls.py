@@ -1,6 +1,6 @@
 """VTC-CLS against an independent re-implementation of its released code, on the same captured attention.
 
-vlprune's ``vtc_cls`` (``vlprune/methods/vtc_cls.py``) must keep exactly the patches the authors' code
+vlprune's ``vtc_cls`` (``vlprune/builtin_methods/vtc_cls.py``) must keep exactly the patches the authors' code
 keeps, and its per-patch scores must be the summed score that code ranks by, on a sharpened tiny LLaVA
 (576 and 256 patches, two different images, two budgets each).
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from .budget import Budget
 from .errors import VlpruneError
-from .methods.base import Method
-from .registry import _METHODS, get_method, get_patcher, method_names
+from .builtin_methods.base import Method
+from .registry import _METHODS, get_method, get_patcher, summaries
 
 if TYPE_CHECKING:
     import torch
@@ -222,6 +222,28 @@ def pruned(model: torch.nn.Module, method: str | Method, **kwargs: Any) -> Itera
         handle.remove()
 
 
-def methods() -> dict[str, str]:
-    """Registered method names with their one-line descriptions."""
-    return {name: _METHODS[name].summary for name in method_names()}
+class MethodCatalog:
+    """``vlprune.methods``: called, ``{name: one-line summary}`` of every registered method; its attributes
+    are the registered method classes by class name (``vlprune.methods.FasterVLM``), to pass configured
+    objects to ``patch``. An object rather than a module, so that calling it needs no module trickery."""
+
+    def __call__(self) -> dict[str, str]:
+        return summaries()
+
+    def _classes(self) -> dict[str, type]:
+        return {cls.__name__: cls for cls in _METHODS.values()}
+
+    def __getattr__(self, attr: str) -> type:
+        classes = self._classes()
+        if attr not in classes:
+            raise AttributeError(f"vlprune.methods has no method class {attr!r}; registered: {', '.join(sorted(classes))}")
+        return classes[attr]
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._classes())
+
+    def __repr__(self) -> str:
+        return f"<vlprune.methods: {', '.join(sorted(self._classes()))}; call it for their summaries>"
+
+
+methods = MethodCatalog()

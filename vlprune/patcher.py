@@ -12,7 +12,7 @@ import torch
 
 from .errors import VlpruneError
 from .hooks import Ledger
-from .methods.base import Context, Selection
+from .builtin_methods.base import Context, Selection
 from .select import gather_tokens
 
 

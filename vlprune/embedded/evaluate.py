@@ -36,6 +36,14 @@ def answers(model, processor, items, batch: int = 16) -> list[str]:
     return out
 
 
+def by_answer(items, preds) -> dict[tuple[str, str], float]:
+    """Accuracy per (question type, expected answer): where a model fails, not only how often."""
+    hits: dict[tuple[str, str], list[bool]] = {}
+    for it, p in zip(items, preds):
+        hits.setdefault((it["qtype"], it["answer"]), []).append(p == it["answer"])
+    return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
 def score(items, preds) -> dict:
     acc = {}
     for qt in scenes.QTYPES:
@@ -96,7 +104,9 @@ def run(model, processor, items, methods, ratios, positions="contiguous", log=pr
 
     def add(name, ratio, preds, seconds, **extra):
         acc = score(items, preds)
-        rows.append({"method": name, "ratio": ratio, "accuracy": acc, "seconds": round(seconds, 1), **extra})
+        answers_acc = {f"{qt}={a}": v for (qt, a), v in by_answer(items, preds).items()}
+        rows.append({"method": name, "ratio": ratio, "accuracy": acc, "by_answer": answers_acc,
+                     "seconds": round(seconds, 1), **extra})
         kept = f"  objects kept {extra['objects_kept']:.3f}" if "objects_kept" in extra else ""
         log(f"{name:<12} {str(ratio):<6} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + kept
             + f"  ({seconds:.0f} s)")
@@ -126,12 +136,12 @@ def run(model, processor, items, methods, ratios, positions="contiguous", log=pr
     return rows
 
 
-def markdown(rows, n: int, command: str) -> str:
+def markdown(rows, items, command: str) -> str:
     """The rows as a Markdown table (accuracy overall and per question type), with the command that made it."""
     types = [qt for qt in scenes.QTYPES if any(qt in r["accuracy"] for r in rows)]
     kept = any("objects_kept" in r for r in rows)
     head = ["method", "reduction", "all"] + types + (["objects kept"] if kept else [])
-    lines = [f"Held-out accuracy of the embedded model, greedy answers to the first {n} items of the test split "
+    lines = [f"Held-out accuracy of the embedded model, greedy answers to the first {len(items)} items of the test split "
              f"(`{command}`).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = r["accuracy"]
@@ -140,7 +150,20 @@ def markdown(rows, n: int, command: str) -> str:
         if kept:
             cells.append(f"{r['objects_kept']:.3f}" if "objects_kept" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + per_answer(rows, items)) + "\n"
+
+
+def per_answer(rows, items) -> list[str]:
+    """Accuracy per expected answer (a row per question type and answer, a column per setting), with n."""
+    n = Counter(f"{it['qtype']}={it['answer']}" for it in items)
+    keys = [f"{qt}={a}" for qt in scenes.QTYPES for a in scenes.ANSWERS[qt] if f"{qt}={a}" in n]
+    names = [r["method"] if r["ratio"] in (None, 0.0) else f"{r['method']} {r['ratio']:g}" for r in rows]
+    lines = ["Per expected answer (n = items with that answer):", "",
+             "| type | answer | n | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+    for key in keys:
+        qt, a = key.split("=")
+        lines.append(f"| {qt} | {a} | {n[key]} | " + " | ".join(f"{r['by_answer'][key]:.2f}" for r in rows) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -170,7 +193,7 @@ def main(argv=None):
         (args.out / "results.json").write_text(json.dumps({
             "items": args.n, "split": "test", "seed": scenes.SEEDS["test"], "positions": args.positions,
             "command": command, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-        (args.out / "results.md").write_text(markdown(rows, args.n, command))
+        (args.out / "results.md").write_text(markdown(rows, items, command))
 
 
 if __name__ == "__main__":

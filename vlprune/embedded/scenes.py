@@ -14,10 +14,12 @@ answer). Questions whose answers need spatial detail:
 
 Everything is drawn with numpy arithmetic from ``numpy.random.default_rng([seed, index])``: item
 ``index`` of a split is the same bytes on every machine, whatever else was generated before. The
-held-out split is ``split("test")``; training uses other seeds.
+held-out questions (``test_items``) are asked about scenes of the ``test`` seed, balanced over question
+types and, within each type, over answers; training uses other seeds.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,19 +211,66 @@ def split(name: str = "test", n: int | None = None, start: int = 0, **kw):
         yield make_scene(SEEDS[name], i, **kw)
 
 
-def test_items(n: int = TEST_SIZE, start: int = 0) -> list[dict]:
-    """The held-out VQA items: one question per scene, question types in rotation (balanced).
+#: The answers the held-out split cycles through within each question type, so that every value is
+#: asked equally often: a skewed split (mostly "one" among counts) would hide what a model cannot do.
+ANSWERS = {"color": tuple(COLORS), "count": NUMBERS[:5], "exist": ("yes", "no"), "where": POSITIONS,
+           "shape": SHAPES}
+SEARCH = 2000  # scenes item i may draw from: test-seed scenes i*SEARCH .. i*SEARCH+SEARCH-1
 
-    Each item: ``{"index", "image" (PIL), "qtype", "question", "answer", "objects"}``.
+
+def _ask(objs, qtype: str, answer: str, rng) -> QA | None:
+    """A well-posed ``qtype`` question about these objects whose answer is ``answer``, or None."""
+    shapes, colors = [o.shape for o in objs], [o.color for o in objs]
+    if qtype == "count":
+        pool = [c for c in COLORS if NUMBERS[colors.count(c)] == answer]
+        return QA(qtype, question(qtype, pool[rng.integers(len(pool))]), answer) if pool else None
+    if qtype == "exist":
+        pairs = sorted({(o.color, o.shape) for o in objs}) if answer == "yes" else [
+            (c, sh) for c in COLORS for sh in SHAPES if not any(o.color == c and o.shape == sh for o in objs)]
+        col, sh = pairs[rng.integers(len(pairs))]
+        return QA(qtype, question(qtype, col, sh), answer)
+    if qtype == "color":
+        pool = [o for o in objs if shapes.count(o.shape) == 1 and o.color == answer]
+    elif qtype == "shape":
+        pool = [o for o in objs if colors.count(o.color) == 1 and o.shape == answer]
+    else:  # where: objects unique by colour and shape
+        pool = [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1 and o.where == answer]
+    if not pool:
+        return None
+    o = pool[rng.integers(len(pool))]
+    return QA(qtype, question(qtype, o.color, o.shape), answer)
+
+
+def test_items(n: int = TEST_SIZE, start: int = 0) -> list[dict]:
+    """The held-out VQA items: question types in rotation, and within a type its answers in rotation
+    (``ANSWERS``: counts zero..four, every colour, shape and position, yes and no), so both are balanced.
+
+    Item i asks about the first scene of the test seed, from ``i * SEARCH`` on, that has a well-posed
+    question of its type with its answer (which one, if several, is drawn from ``[seed, scene]``), so item
+    i does not depend on the items before it. Each item: ``{"index", "scene", "image" (PIL), "qtype",
+    "question", "answer", "objects"}``.
     """
     items = []
-    for scene_i, scene in enumerate(split("test", n, start)):
-        i = start + scene_i
-        want = QTYPES[i % len(QTYPES)]
-        qa = next((q for q in scene.qas if q.qtype == want), scene.qas[i % len(scene.qas)])
-        items.append({"index": i, "image": scene.pil(), "qtype": qa.qtype, "question": qa.question,
+    for i in range(start, start + n):
+        index, qa = _test_question(i)
+        scene = make_scene(SEEDS["test"], index)
+        items.append({"index": i, "scene": index, "image": scene.pil(), "qtype": qa.qtype, "question": qa.question,
                       "answer": qa.answer, "objects": scene.objects})
     return items
+
+
+@functools.lru_cache(maxsize=None)
+def _test_question(i: int) -> tuple[int, QA]:
+    """(scene index, question) of held-out item i; searched once per process (a "four" may take ~100 scenes)."""
+    qtype = QTYPES[i % len(QTYPES)]
+    values = ANSWERS[qtype]
+    answer = values[(i // len(QTYPES)) % len(values)]
+    for index in range(i * SEARCH, (i + 1) * SEARCH):
+        qa = _ask(make_scene(SEEDS["test"], index).objects, qtype, answer,
+                  np.random.default_rng([SEEDS["test"], index, 1]))
+        if qa is not None:
+            return index, qa
+    raise RuntimeError(f"no test scene in {i * SEARCH}..{(i + 1) * SEARCH - 1} answers {qtype}={answer!r}")
 
 
 def prompt(question: str) -> str:

@@ -1,15 +1,11 @@
 """Built-in methods, one file each; importing this package registers them by name.
 
 Every module in this folder is imported, so adding a method is adding its file (and its test).
-The package is also callable: ``vlprune.methods()`` returns ``{name: one-line summary}`` for every
-registered method (the subpackage and the function share the name the public API promises).
-Each registered method's class is exported here too, e.g. ``vlprune.methods.FasterVLM``, so that
-``vlprune.patch(model, vlprune.methods.FasterVLM(layer=-3), keep=64)`` works.
+Each registered method's class is exported here too; users reach them as ``vlprune.methods.FasterVLM``
+(``vlprune.api.MethodCatalog``, which is also what ``vlprune.methods()`` calls).
 """
 import importlib
 import pkgutil
-import sys
-import types
 
 from ..registry import _METHODS
 from .base import Context, Method, Selection, Signal
@@ -25,11 +21,3 @@ for _info in pkgutil.iter_modules(__path__):
                 __all__.append(_obj.__name__)
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self) -> dict[str, str]:
-        from ..api import methods
-
-        return methods()
-
-
-sys.modules[__name__].__class__ = _CallableModule
