@@ -96,18 +96,10 @@ def models_table() -> str:
 
 
 def support(cname: str) -> dict[str, str]:
-    """Method -> "yes" | "substitute: ..." | "no: ..." for one model class, from its patcher module's
-    ``SUPPORT`` dict (a patcher without one serves every pruning method as is, and the decoding methods,
-    such as damro, that its ``decoders`` names)."""
+    """Method -> "yes" | "substitute: ..." | "no: ..." for one model class, derived by its patcher from what
+    each method asks (stage, signals, merging) and what the family provides (``Patcher.support``)."""
     patcher = registry._PATCHERS[cname]
-    table = getattr(sys.modules[patcher.__module__], "SUPPORT", {})
-
-    def default(name):
-        if registry.get_method(name).prunes or name in getattr(patcher, "decoders", ()):
-            return "yes"
-        return f"no: {patcher.__name__} does not serve this decoding method"
-
-    return {name: table.get(name, default(name)) for name in vlprune.methods()}
+    return {name: patcher.support(registry.get_method(name)) for name in vlprune.methods()}
 
 
 def support_table() -> str:

@@ -58,23 +58,23 @@ def _hide(mask, filler, q_len: int, kv: int):
 
 
 class LLMPruning:
-    """Drop image tokens at decoder layer K = ``method.layer`` (None: the middle layer).
+    """Drop image tokens at decoder layer K = ``method.llm_layer(depth)``.
 
-    With ``method.threshold`` set (visual_exit), K is only the earliest layer: the drop happens at the
-    first layer >= K where the anchor token's attention mass on the image tokens at the previous layer
-    is below the threshold in every row of the batch.
+    With a ``method.exit_threshold()``, K is only the earliest layer: the drop happens at the first layer
+    >= K where the anchor token's attention mass on the image tokens at the previous layer is below the
+    threshold in every row of the batch.
     """
 
     ragged = False  # True: rows may keep different counts (masked fillers even them out)
 
     def __init__(self, patcher, layers, method):
         n = len(layers)
-        k_layer = n // 2 if method.layer is None else method.layer
+        k_layer = method.llm_layer(n)
         if not isinstance(k_layer, int) or not 1 <= k_layer < n:
             raise VlpruneError(f"layer={k_layer!r} is out of range for method={method.name!r} on a {n}-layer LM "
                                f"(allowed 1..{n - 1}: the decoder layer from which image tokens are dropped)")
         self.patcher, self.method, self.k_layer = patcher, method, k_layer
-        self.threshold = getattr(method, "threshold", None)
+        self.threshold = method.exit_threshold()
         self.pending = None
         self.sessions = weakref.WeakKeyDictionary()
         ledger = patcher.ledger

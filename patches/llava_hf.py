@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
-from vlprune.patcher import ImageRecord, Patcher
+from vlprune.patcher import EVERYTHING, ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import gather_tokens, grid_shape
 from vlprune.sequence import (
@@ -47,8 +47,7 @@ SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "
 
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
-    stages = ("encoder", "projector", "in_encoder", "llm")
-    decoders = ("damro",)  # contrastive decoding in generate(): see _contrast_session and patches/_contrast.py
+    provides = EVERYTHING  # decoding: contrastive decoding in generate(), see _contrast_session and patches/_contrast.py
     llm_pruning = LLMPruning  # the stage-"llm" helper (a subclass may lay image tokens out differently)
 
     def install(self):

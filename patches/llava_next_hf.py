@@ -31,7 +31,7 @@ picks k of the image's N visual tokens in one pass (the LM's attention row is on
 sequence, so views compare), the same newline rule applies, and batch rows that keep different counts
 are evened out with masked fillers (patches/_llm.py).
 
-Method support (``SUPPORT``; the README's model x method table is built from it):
+Method support (``LlavaNextHF.provides``; the model x method table of docs/models.md is derived from it):
 
 | method | on LLaVA-NeXT |
 |---|---|
@@ -71,14 +71,6 @@ from vlprune.sequence import block_rows, placeholder_positions
 
 from ._llm import LLMPruning
 from .llava_hf import LlavaHF
-
-SUPPORT = {
-    "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
-    "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
-    "visual_exit": "yes", "vtc_cls": "yes",
-    "damro": "substitute: AnyRes has one [CLS] per view, so the k outliers are the top-k over all views' tokens, "
-             "each scored by its own view's [CLS] row; the outlier-only prompt holds those k tokens, no newlines",
-}
 
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
 
@@ -210,6 +202,10 @@ class NextLLMPruning(LLMPruning):
 @register_patcher("LlavaNextForConditionalGeneration")
 class LlavaNextHF(LlavaHF):
     llm_pruning = NextLLMPruning
+    provides = {**LlavaHF.provides,
+                "decoding": "substitute: AnyRes has one [CLS] per view, so the k outliers are the top-k over all "
+                            "views' tokens, each scored by its own view's [CLS] row; the outlier-only prompt holds "
+                            "those k tokens, no newlines"}
 
     def install(self):
         cfg = self.model.config

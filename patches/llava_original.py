@@ -49,7 +49,7 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
-from vlprune.patcher import ImageRecord
+from vlprune.patcher import EVERYTHING, ImageRecord
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 
@@ -57,14 +57,6 @@ from ._clip import ClipTaps, encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._wrap import named_arguments, wrap_method
 from .llava_hf import LlavaHF
-
-#: every method as on HF LLaVA-1.5: same CLIP tower, same projector position, a Llama LM
-SUPPORT = {
-    "divprune": "yes", "fastervlm": "yes", "fastv": "yes", "flowcut": "yes", "hiprune": "yes", "holov": "yes",
-    "pool": "yes", "prumerge_plus": "yes", "random": "yes", "tcc": "yes", "uniform": "yes", "visionzip": "yes",
-    "visual_exit": "yes", "vtc_cls": "yes", "damro": "yes",
-}
-
 
 @dataclass
 class _Row:
@@ -77,7 +69,7 @@ class _Row:
 
 @register_patcher("LlavaLlamaForCausalLM")
 class LlavaOriginal(LlavaHF):
-    stages = ("encoder", "projector", "in_encoder", "llm")
+    provides = EVERYTHING  # as HF LLaVA-1.5: the same CLIP tower, projector position and a Llama LM
 
     def install(self):
         from llava.constants import IMAGE_TOKEN_INDEX  # the model exists, so llava is installed

@@ -56,32 +56,16 @@ _BLOCK_OUTPUTS = ("substitute: selects among the tower's block outputs (open_cli
 _NO_LM = "no: acts inside a language model's decoder; an open_clip image tower has none"
 
 
-class _Verdicts(dict):
-    """method -> "yes" | "substitute: ..." | "no: ..." (the README's support table is generated from it).
-
-    Methods not listed get a verdict from what they are, so a method registered later is never
-    advertised as served when the patcher would refuse it: stage "llm" and decoding methods (those
-    that do not prune, e.g. contrastive decoding) need a language model; everything else is served."""
-
-    def get(self, name, default=None):
-        if name in self:
-            return self[name]
-        from vlprune.registry import get_method
-
-        cls = get_method(name)
-        return _NO_LM if cls.stage == "llm" or not getattr(cls, "prunes", True) else "yes"
-
-
-SUPPORT = _Verdicts({
-    "damro": "no: contrastive decoding needs a language model; an open_clip image tower has none",
-    "divprune": _BLOCK_OUTPUTS,
-    "fastv": _NO_LM,
-    "holov": _BLOCK_OUTPUTS,
-    "pool": "substitute: reads no signal, so it pools the patch embeddings before block 0 (a coarser grid)",
-    "random": "substitute: reads no signal, so it drops patch embeddings before block 0 (FLIP-style patch dropout)",
-    "uniform": "substitute: reads no signal, so it keeps evenly spaced patch embeddings before block 0",
-    "visual_exit": _NO_LM,
-})
+#: what an open_clip tower serves (``Patcher.provides``): cuts between blocks, no language model
+PROVIDES = {
+    **dict.fromkeys(("encoder", "in_encoder", "merges", "cls_attention", "cls_attention_joint", "attention_received",
+                     "keys", "values", "cls_query", "cls_key", "cls_value", "projector/no_signals"), "yes"),
+    "projector": _BLOCK_OUTPUTS,
+    "no_signals": "substitute: reads no signal, so it selects among (or pools) the patch embeddings before block 0 "
+                  "(dropping them is FLIP-style patch dropout; pooling, a coarser grid)",
+    "llm": _NO_LM,
+    "decoding": "no: contrastive decoding needs a language model; an open_clip image tower has none",
+}
 
 
 def vision_tower(model):
@@ -179,18 +163,11 @@ class _AttentionTaps:
 class OpenClipViT(Patcher):
     """open_clip ViT towers: a cut (or FlowCut's progressive cuts) between blocks; see the module docstring."""
 
-    stages = ("encoder", "projector", "in_encoder", "llm")  # llm is refused below, with SUPPORT's reason
+    provides = PROVIDES
 
     def __init__(self, model, handle):
         super().__init__(model, handle)
         method = handle.method
-        name = handle.config.method  # a decoding method names itself here; handle.method is its pruner
-        verdict = SUPPORT.get(name)
-        if verdict.startswith("no") or getattr(handle, "decoder", None) is not None:
-            served = sorted(m for m in _registered() if not SUPPORT.get(m).startswith("no"))
-            raise VlpruneError(f"method={name!r} is not supported on open_clip image towers "
-                               f"({_NO_LM[4:] if verdict == 'yes' else verdict[4:]}); supported methods: "
-                               f"{', '.join(served)}")
         self.visual = vision_tower(model)  # checked before the model is touched
         self.blocks = self.visual.transformer.resblocks
         self.grid = tuple(self.visual.grid_size)
@@ -313,12 +290,6 @@ class OpenClipViT(Patcher):
         if isinstance(outputs[0], tuple):  # output_tokens=True: (pooled, tokens)
             return tuple(torch.cat(parts) for parts in zip(*outputs))
         return torch.cat(outputs)
-
-
-def _registered() -> list[str]:
-    from vlprune.registry import method_names
-
-    return method_names()
 
 
 def kept_tokens(handle) -> tuple[torch.Tensor, torch.Tensor]:

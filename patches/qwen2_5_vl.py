@@ -22,9 +22,9 @@ Signals (per vision block, from the block's q/k/v, q and k after the vision rota
   1 / (image patches) either way, so windows of any size compare fairly. Then averaged over each 2x2 unit.
 - ``keys`` / ``values`` (1, heads, n, head_dim): the mean of the unit's 4 patch keys (after rotary, as the
   attention saw them) / values.
-- No [CLS] token exists; methods that ask for one get a documented substitute (see ``SUPPORT``):
+- No [CLS] token exists; methods that ask for one get a documented substitute (see ``PROVIDES``):
   ``cls_attention`` is the mean attention received above (HoloV's and HiPrune's Qwen choice), except for
-  ``flowcut``, which gets the attention row of a **global token** - the mean of the image's patch queries
+  stage ``in_encoder`` (``flowcut``), which gets the attention row of a **global token** - the mean of the image's patch queries
   (FlowCut's Qwen choice): softmax(q_mean . K^T * scale) over the image's patches (the whole image, also in
   windowed blocks: the token is virtual), averaged per unit. ``cls_query`` / ``cls_key`` / ``cls_value``
   are that global token's query / key / value: the mean of the image's patch queries / keys / values.
@@ -60,7 +60,7 @@ import torch
 from vlprune import signals as sig
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Context, Selection, Signal
-from vlprune.patcher import ImageRecord, Patcher
+from vlprune.patcher import YES, ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.sequence import (
     block_rows,
@@ -79,30 +79,26 @@ _RECEIVED = ("substitute: [CLS] attention -> the mean attention each merged toke
              "do on Qwen); in windowed blocks, such as the default layer -2, within windows (layer=-1: the last, "
              "full-attention block)")
 
-#: method -> "yes" | "substitute: ..." | "no: reason" (the README's model x method table reads this).
-SUPPORT = {
-    "divprune": "yes",
-    "fastervlm": _RECEIVED,
-    "fastv": "yes",
-    "flowcut": "substitute: [CLS] -> a global token, the mean of the image's patch queries and values (FlowCut's "
-               "Qwen recipe); whole 2x2 units leave between vision blocks and the windows shrink with them",
-    "hiprune": "yes",
-    "holov": _RECEIVED,
-    "pool": "yes",
-    "prumerge_plus": "substitute: [CLS] query/key -> the mean of the image's patch queries/keys (a global token); "
-                     "merges average merged (projected) tokens",
-    "random": "yes",
-    "tcc": _RECEIVED,
-    "uniform": "yes",
-    "visionzip": _RECEIVED + "; merges average merged (projected) tokens",
-    "visual_exit": "yes",
-    "vtc_cls": _RECEIVED,
-    "damro": "no: no [CLS] token to rank outliers by; a substitute (e.g. the mean attention received) is not "
-             "what DAMRO's analysis rests on, so it is rejected rather than approximated",
+_GLOBAL = "a global token: the mean of the image's patch {}"
+#: what this family serves (``Patcher.provides``): no [CLS] token, so [CLS] signals have substitutes
+PROVIDES = {
+    **dict.fromkeys(("encoder", "projector", "llm", "attention_received", "keys", "values", "last_attention",
+                     "no_signals"), YES),
+    "cls_attention": _RECEIVED,
+    "cls_query": "substitute: [CLS] query/key -> " + _GLOBAL.format("queries/keys"),
+    "cls_key": "substitute: [CLS] query/key -> " + _GLOBAL.format("queries/keys"),
+    "cls_value": "substitute: [CLS] value -> " + _GLOBAL.format("values"),
+    # in-encoder pruning follows FlowCut's Qwen recipe: every [CLS] signal is the global token's
+    "in_encoder": "substitute: [CLS] -> a global token, the mean of the image's patch queries and values (FlowCut's "
+                  "Qwen recipe); whole 2x2 units leave between vision blocks and the windows shrink with them",
+    **dict.fromkeys(("in_encoder/cls_attention", "in_encoder/cls_query", "in_encoder/cls_key", "in_encoder/cls_value"),
+                    YES),
+    "merges": "substitute: merges average merged (projected) tokens",
+    "cls_attention_joint": "no: no [CLS] token; a substitute is not what a joint-head [CLS] ranking means",
+    "decoding": "no: contrastive decoding ranks outlier tokens by the [CLS] token's attention, which Qwen2.5-VL "
+                "lacks; a substitute ranking (e.g. the mean attention received) is not what the outlier analysis "
+                "rests on, so it is refused rather than approximated",
 }
-
-#: methods whose ``cls_attention`` is the global token's row (the others get the mean attention received)
-GLOBAL_TOKEN_METHODS = ("flowcut",)
 
 KINDS = ("attention_received", "cls_attention", "keys", "values", "cls_query", "cls_key", "cls_value")
 PER_UNIT = ("attention_received", "cls_attention", "keys", "values")
@@ -137,7 +133,7 @@ class VisionTaps:
     one image) says which patches form an image.
     """
 
-    def __init__(self, blocks, requests: list[Signal], ledger, enabled, global_token: bool):
+    def __init__(self, blocks, requests: list[Signal], ledger, enabled, global_token: bool = False):
         self.values: dict[Signal, torch.Tensor] = {}
         self.bounds = None
         self._enabled = enabled
@@ -240,13 +236,7 @@ class QwenLLMPruning(LLMPruning):
 
 @register_patcher("Qwen2_5_VLForConditionalGeneration")
 class Qwen2_5_VL(Patcher):
-    stages = ("encoder", "projector", "in_encoder", "llm")
-
-    def __init__(self, model, handle):
-        super().__init__(model, handle)
-        verdict = SUPPORT.get(handle.method.name, "")
-        if verdict.startswith("no"):
-            raise VlpruneError(f"method={handle.method.name!r} is not supported on Qwen2.5-VL: {verdict[3:].strip()}")
+    provides = PROVIDES
 
     def install(self):
         model = self.model
@@ -267,8 +257,7 @@ class Qwen2_5_VL(Patcher):
         elif method.stage == "in_encoder":
             self._install_in_encoder(method)
         else:
-            self.taps = VisionTaps(self.blocks, method.signals(), self.ledger, lambda: self._busy,
-                                   global_token=method.name in GLOBAL_TOKEN_METHODS)
+            self.taps = VisionTaps(self.blocks, method.signals(), self.ledger, lambda: self._busy)
         wrap_method(self, model, "forward", self._forward)
         wrap_method(self, model, "generate", self._generate)
 
@@ -281,8 +270,7 @@ class Qwen2_5_VL(Patcher):
             raise VlpruneError(f"method={method.name!r} planned prune blocks {self.plan}, which must lie in "
                                f"0..{self.feature_layer - 1} (before the last vision block)")
         requests = [s for layer in self.plan for s in method.encoder_signals(layer)]
-        self.taps = VisionTaps(self.blocks, requests, self.ledger, lambda: self._busy,
-                               global_token=method.name in GLOBAL_TOKEN_METHODS)
+        self.taps = VisionTaps(self.blocks, requests, self.ledger, lambda: self._busy, global_token=True)
         self.full_blocks = set(self.vcfg.fullatt_block_indexes)
         for idx in range(self.plan[0] + 1, depth):
             hook = functools.partial(self._before_block, idx)

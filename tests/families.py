@@ -14,7 +14,7 @@ import tiny
 
 
 class Family:
-    patcher = ""  # module name in vlprune.patches (its SUPPORT table picks the methods)
+    patcher = ""  # module name in vlprune.patches (what its patcher serves picks the methods)
     ragged_llm = True  # stage-"llm" batches whose rows keep different counts are evened out (else: an error)
     steps = 4  # new tokens per generate
 

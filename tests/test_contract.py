@@ -1,9 +1,8 @@
 """The promises every pruning method keeps on every patcher that declares it supported.
 
 The shared contract runs over every (family, method) pair: a family (tests/families.py) is a tiny model
-of one patcher's model class plus its inputs; the methods are those the patcher's ``SUPPORT`` table does
-not mark "no", whose stage the patcher serves (decoding methods, ``prunes = False``, have their own
-tests). Promises: per-image token counts and the LM sequence they give, kept indices unique and in
+of one patcher's model class plus its inputs; the methods are those the patcher serves
+(``Patcher.support`` is not "no"; decoding methods, ``prunes = False``, have their own tests). Promises: per-image token counts and the LM sequence they give, kept indices unique and in
 raster order, ratio 0 / keep-all and ``remove()`` bit-identical (logits and generate), a batch of two
 left-padded prompts equals two single runs, generate with the KV cache equals generate without it, and
 the context manager restores on error. LLaVA-1.5-specific promises (labels, projected survivors,
@@ -28,12 +27,10 @@ FAMILIES = {"llava_hf": families.LlavaHF, "llava_next_hf": families.LlavaNext, "
 
 
 def supported(patcher_module: str) -> list[str]:
-    """The pruning methods a patcher declares: its SUPPORT verdict is not "no" and it serves their stage."""
+    """The pruning methods a patcher serves: derived from what each asks and what the family provides."""
     module = importlib.import_module(f"vlprune.patches.{patcher_module}")
     patcher = next(p for p in _PATCHERS.values() if p.__module__ == module.__name__)
-    table = getattr(module, "SUPPORT", {})
-    return [m for m in METHODS if getattr(get_method(m), "prunes", True) and get_method(m).stage in patcher.stages
-            and not table.get(m, "yes").startswith("no")]
+    return [m for m in METHODS if get_method(m).prunes and not patcher.support(get_method(m)).startswith("no")]
 
 
 PAIRS = [pytest.param(fam, m, id=f"{fam}-{m}") for fam in FAMILIES for m in supported(FAMILIES[fam].patcher)]

@@ -245,3 +245,32 @@ def test_image_record_repr_is_short():
 
     nxt = NextImageRecord(row=0, before=20, after=2, kept=torch.tensor([0, 9]), grids=((2, 2), (4, 4)), newlines=4)
     assert repr(nxt) == "NextImageRecord(row=0, before=20, after=2, kept=[0, 9], grids=((2, 2), (4, 4)), newlines=4)"
+
+
+# -- support follows from capabilities, never from a method's name ------------------------------------
+def test_support_is_derived_from_what_a_method_asks_and_a_family_provides():
+    """A family is judged on a method's stage, signal kinds and merging: a method unknown to every patcher
+    gets a verdict (and a refusal names what is missing), with no table to update."""
+    from dataclasses import dataclass
+
+    from vlprune.builtin_methods.base import Method, Signal
+    from vlprune.patcher import Patcher
+
+    class Family(Patcher):
+        provides = {"encoder": "yes", "keys": "yes", "cls_attention": "substitute: a stand-in row",
+                    "merges": "substitute: merges merged tokens", "encoder/values": "no: values are fused away"}
+
+    def verdict(kinds, stage="encoder", merges=False):
+        @dataclass
+        class Custom(Method):
+            def signals(self):
+                return [Signal(k, -2) for k in kinds]
+
+        Custom.stage, Custom.merges = stage, merges
+        return Family.support(Custom)
+
+    assert verdict(("keys",)) == "yes"
+    assert verdict(("keys", "cls_attention"), merges=True) == "substitute: a stand-in row; merges merged tokens"
+    assert verdict(("values",)) == "no: values are fused away"
+    assert verdict(("attention_received",)) == "no: Family does not provide the attention_received signal"
+    assert verdict(("keys",), stage="llm") == "no: Family does not provide stage 'llm'"

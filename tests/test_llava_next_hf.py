@@ -11,10 +11,10 @@ from PIL import Image
 import vlprune
 from test_contract import LMInputs, budget
 from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, fail_if_left_patched, sharpen
-from vlprune.patches.llava_next_hf import SUPPORT, anyres_layout, split_budget
+from vlprune.patches.llava_next_hf import LlavaNextHF, anyres_layout, split_budget
 from vlprune.registry import get_method
 
-METHODS = sorted(m for m in vlprune.methods() if SUPPORT.get(m, "yes") == "yes")  # damro: test_method_damro_families.py
+METHODS = sorted(m for m in vlprune.methods() if LlavaNextHF.support(get_method(m)) == "yes")  # damro: test_method_damro_families.py
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 SIDE = 4  # 56 px views, 14 px patches
 # (height, width) -> unpadded high-res grid (H, W): one crop; 1 x 2 crops, rows cut; 2 x 1, columns cut; 2 x 2
@@ -180,10 +180,10 @@ def test_budget_split_is_proportional_and_exact(k, sizes, want):
 
 
 # -- support table ----------------------------------------------------------------------------------
-def test_support_table_names_every_method():
-    assert sorted(SUPPORT) == sorted(vlprune.methods())
-    for method, verdict in SUPPORT.items():
-        assert verdict == "yes" or verdict.startswith(("substitute: ", "no: ")), (method, verdict)
+def test_every_pruning_method_is_served_and_damro_with_the_anyres_substitute():
+    verdicts = {m: LlavaNextHF.support(get_method(m)) for m in vlprune.methods()}
+    assert {m for m, v in verdicts.items() if v != "yes"} == {"damro"}
+    assert verdicts["damro"].startswith("substitute: AnyRes has one [CLS] per view")
 
 
 # -- the contract, every method ---------------------------------------------------------------------

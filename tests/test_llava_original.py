@@ -16,7 +16,7 @@ pytest.importorskip("llava", reason="the original LLaVA code (llava-torch) is no
 import tiny_original as to  # noqa: E402
 import vlprune  # noqa: E402
 from tiny import DEVICE, batch, fail_if_left_patched, pixels  # noqa: E402
-from vlprune.patches.llava_original import SUPPORT  # noqa: E402
+from vlprune.patches.llava_original import LlavaOriginal  # noqa: E402
 
 N = to.N
 LM_LEN = 7 + N  # to.prompt(): 6 text tokens + placeholder -> 16 features, + the token after it
@@ -63,9 +63,10 @@ class LMCalls:
         self._h.remove()
 
 
-def test_support_table_names_every_method():
-    for method in vlprune.methods():
-        assert method in SUPPORT, f"classify {method!r} in patches/llava_original.py SUPPORT"
+def test_every_method_is_served_as_on_llava_1_5():
+    from vlprune.registry import get_method
+
+    assert all(LlavaOriginal.support(get_method(m)) == "yes" for m in vlprune.methods())
 
 
 def test_importing_vlprune_does_not_import_llava():

@@ -145,10 +145,11 @@ def family(request):
 
 def test_support_tables_serve_damro():
     from vlprune.patches import llava_next_hf, llava_original
+    from vlprune.registry import get_method
 
-    assert llava_original.SUPPORT["damro"] == "yes"  # LLaVA-1.5 shapes, as the reference
-    assert llava_next_hf.SUPPORT["damro"].startswith("substitute: AnyRes")  # our rule across views, documented
-    assert "damro" in llava_original.LlavaOriginal.decoders and "damro" in llava_next_hf.LlavaNextHF.decoders
+    damro = get_method("damro")
+    assert llava_original.LlavaOriginal.support(damro) == "yes"  # LLaVA-1.5 shapes, as the reference
+    assert llava_next_hf.LlavaNextHF.support(damro).startswith("substitute: AnyRes")  # our rule across views
 
 
 def test_alpha_zero_is_the_unpatched_generation(family):

@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import vlprune  # noqa: E402
 from vlprune.registry import get_method  # noqa: E402
 from vlprune.eval.flops import LengthRecorder, open_clip_vit_flops  # noqa: E402
-from vlprune.patches.open_clip import SUPPORT, kept_tokens  # noqa: E402
+from vlprune.patches.open_clip import OpenClipViT, kept_tokens  # noqa: E402
 
 N = 16  # patches of a tiny 32 px image with 8 px patches
-SERVED = sorted(m for m in vlprune.methods() if not SUPPORT.get(m).startswith("no"))
+SERVED = sorted(m for m in vlprune.methods() if not OpenClipViT.support(get_method(m)).startswith("no"))
 # tiny towers have 4 blocks: keep every method's layers inside them
 OPTIONS = {"fastervlm": {"layer": 1}, "hiprune": {"object_layer": 1}}
 
@@ -284,7 +284,7 @@ def test_methods_needing_a_language_model_are_refused_with_the_reason(clip, meth
     cls = get_method(method)
     kw = {"ratio": 0.5} if cls.budgeted and getattr(cls, "prunes", True) else {}
     # decoding methods (prunes=False) may be refused by the core's Patcher first, in its own words
-    needle = rf"method='{method}' is not (supported|served)" + (".*decoder.*supported methods: " if cls.stage == "llm" else "")
+    needle = rf"method='{method}' is not served on CLIP \(OpenClipViT\): .*language model.*methods served there: "
     with pytest.raises(vlprune.VlpruneError, match=needle):
         vlprune.patch(clip, method, **kw)
     assert "_vlprune" not in clip.__dict__ and "forward" not in clip.visual.__dict__

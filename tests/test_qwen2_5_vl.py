@@ -13,7 +13,7 @@ from PIL import Image
 
 import vlprune
 from tiny import DEVICE, fail_if_left_patched, sharpen
-from vlprune.patches.qwen2_5_vl import SUPPORT, window_layout
+from vlprune.patches.qwen2_5_vl import Qwen2_5_VL, window_layout
 from vlprune.registry import get_method
 
 PAD, BOS, EOS, VSTART, VEND, IMG, VID = 0, 1, 2, 3, 4, 5, 6
@@ -24,7 +24,7 @@ IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
 # pixel sizes -> patch grids (14 px patches) -> merged tokens: 8x8 -> 16, 6x10 -> 15, 10x14 -> 35
 SQUARE, WIDE, BIG = (112, 112), (84, 140), (140, 196)
 
-SUPPORTED = [m for m in sorted(vlprune.methods()) if not SUPPORT.get(m, "no").startswith("no")]
+SUPPORTED = [m for m in sorted(vlprune.methods()) if not Qwen2_5_VL.support(get_method(m)).startswith("no")]
 
 
 def qwen_config(depth=4, fullatt=(1, 3), window=56, lm_layers=4, vision_hidden=32, heads=2, out_hidden=64,
@@ -163,10 +163,19 @@ TWO_SIZES = (("what is", [SQUARE], "a cat"), ("how many", [WIDE], "red blue gree
 
 
 # -- the support table ------------------------------------------------------------------------------
-def test_support_table_covers_every_method():
-    assert set(SUPPORT) == set(vlprune.methods()), "classify every registered method in SUPPORT"
-    for method, verdict in SUPPORT.items():
-        assert verdict == "yes" or verdict.startswith(("yes;", "substitute: ", "no: ")), (method, verdict)
+def test_support_follows_from_what_each_method_asks():
+    verdict = {m: Qwen2_5_VL.support(get_method(m)) for m in vlprune.methods()}
+    assert verdict["damro"].startswith("no: contrastive decoding ranks outlier tokens by the [CLS]")
+    assert verdict["fastervlm"] == verdict["vtc_cls"] == verdict["tcc"] == verdict["holov"] == (
+        "substitute: [CLS] attention -> the mean attention each merged token receives (as HoloV and HiPrune do on "
+        "Qwen); in windowed blocks, such as the default layer -2, within windows (layer=-1: the last, "
+        "full-attention block)")
+    assert verdict["flowcut"].startswith("substitute: [CLS] -> a global token") and ";" not in verdict["flowcut"].split(
+        "recipe)")[0]
+    assert verdict["prumerge_plus"] == ("substitute: [CLS] query/key -> a global token: the mean of the image's patch "
+                                        "queries/keys; merges average merged (projected) tokens")
+    assert verdict["visionzip"].endswith("; merges average merged (projected) tokens")
+    assert all(verdict[m] == "yes" for m in ("divprune", "hiprune", "fastv", "random", "uniform", "visual_exit"))
 
 
 def test_processor_layout_is_what_the_tests_assume(qwen):

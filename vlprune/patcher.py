@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from .builtin_methods.base import DECODING, SIGNAL_KINDS, STAGES, Context, Method, Selection
 from .errors import VlpruneError
 from .hooks import Ledger
-from .builtin_methods.base import Context, Selection
+from .registry import _METHODS
 from .select import gather_tokens
 
 
@@ -58,24 +60,60 @@ def _short(value, head: int = 3, limit: int = 6) -> str:
     return "x".join(map(str, value.shape)) if value.dim() else repr(value.item())
 
 
+YES = "yes"
+#: ``provides`` of a family that serves every stage and signal as the methods define them (LLaVA-1.5).
+EVERYTHING = {**dict.fromkeys((*STAGES, DECODING, *SIGNAL_KINDS, "merges", "no_signals"), YES)}
+
+
 class Patcher:
+    """One model family's adapter. ``provides`` says what the family can serve, by capability, each as
+    ``"yes"``, ``"substitute: how"`` or ``"no: why"``: the stages (``STAGES`` and ``"decoding"``), the
+    signal kinds (``SIGNAL_KINDS``; ``"STAGE/kind"`` overrides a kind for one stage), ``"merges"`` (a method
+    whose outputs average tokens) and ``"no_signals"`` (a method that reads none). What is not listed is
+    not provided. Which methods a family serves follows from that (:meth:`support`): a patcher never names
+    a method."""
+
     model_classes: tuple[str, ...] = ()
-    stages: tuple[str, ...] = ("encoder",)
-    decoders: tuple[str, ...] = ()  # decoding methods (``prunes = False``, e.g. damro) the patcher serves
+    provides: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def support(cls, method_cls: type[Method]) -> str:
+        """``"yes"``, ``"substitute: ..."`` or ``"no: ..."`` for a method class: its stage, each signal kind its
+        default instance asks for, and whether it merges, against :attr:`provides` (the first "no" wins;
+        substitutes are listed together)."""
+        method, stage = method_cls.create(), method_cls.stage
+        asks = method.encoder_signals(0) if stage == "in_encoder" else method.signals()
+        caps = [stage] + [f"{stage}/{kind}" for kind in dict.fromkeys(s.kind for s in asks)]
+        caps += [] if asks else [f"{stage}/no_signals"]
+        caps += [f"{stage}/merges"] if method_cls.merges else []
+        verdicts = [cls._provided(cap) for cap in caps]
+        refused = [v for v in verdicts if v.startswith("no")]
+        if refused:
+            return refused[0]
+        subs = dict.fromkeys(v.removeprefix("substitute: ") for v in verdicts if v.startswith("substitute"))
+        return "substitute: " + "; ".join(subs) if subs else YES
+
+    @classmethod
+    def _provided(cls, cap: str) -> str:
+        """A capability's verdict: the stage-specific entry ("in_encoder/keys") if any, else the general one."""
+        general = cap.split("/", 1)[-1]
+        what = f"stage {cap!r}" if "/" not in cap else (f"the {general} signal" if general in SIGNAL_KINDS else general)
+        return cls.provides.get(cap, cls.provides.get(general, f"no: {cls.__name__} does not provide {what}"))
 
     def __init__(self, model, handle):
         self.model = model
         self.handle = handle
         self.ledger = Ledger()
-        if handle.method.stage not in self.stages:
-            raise VlpruneError(
-                f"method={handle.method.name!r} acts at stage {handle.method.stage!r}, which "
-                f"{type(self).__name__} does not support (supported stages: {', '.join(self.stages)})"
-            )
         decoder = getattr(handle, "decoder", None)
-        if decoder is not None and decoder.name not in self.decoders:
-            raise VlpruneError(f"method={decoder.name!r} is not served on {type(model).__name__} ({type(self).__name__}); "
-                               "see the README's model x method support table for the models that serve it")
+        for method_cls in (type(handle.method), type(decoder) if decoder is not None else None):
+            if method_cls is None:
+                continue
+            verdict = self.support(method_cls)
+            if verdict.startswith("no"):
+                served = [name for name, c in _METHODS.items() if not self.support(c).startswith("no")]
+                raise VlpruneError(
+                    f"method={method_cls.name!r} is not served on {type(model).__name__} ({type(self).__name__}): "
+                    f"{verdict.removeprefix('no: ')}; methods served there: {', '.join(sorted(served))}")
 
     # -- to implement -----------------------------------------------------------------------------
     def install(self) -> None:  # pragma: no cover - abstract

@@ -19,6 +19,11 @@ from ..errors import VlpruneError
 #: "in_encoder": progressively between encoder layers (later layers run on fewer tokens);
 #: "llm": on the LM's hidden states at a decoder layer (later layers and their KV cache are shorter).
 STAGES = ("encoder", "projector", "in_encoder", "llm")
+#: a method that does not prune (``prunes = False``) acts at "decoding", inside ``generate``.
+DECODING = "decoding"
+#: the signal kinds a method may ask for (see :class:`Signal`); a patcher says which it provides.
+SIGNAL_KINDS = ("cls_attention", "cls_attention_joint", "attention_received", "keys", "values", "cls_query",
+                "cls_key", "cls_value", "last_attention")
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class Method:
     stage: ClassVar[str] = "encoder"
     budgeted: ClassVar[bool] = True  # False: the method decides how much to drop (no ratio/keep)
     prunes: ClassVar[bool] = True  # False: a decoding method (damro); it may name a pruning method (``pruner()``)
+    merges: ClassVar[bool] = False  # True: its outputs average several tokens (``Selection.tokens``)
 
     @classmethod
     def create(cls, **options) -> "Method":
@@ -131,6 +137,16 @@ class Method:
 
     def select(self, tokens: torch.Tensor, k: int, ctx: Context) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- stage "llm" only -------------------------------------------------------------------------
+    def llm_layer(self, depth: int) -> int:  # pragma: no cover - abstract
+        """The decoder layer K of an LM ``depth`` layers deep from which the image tokens are cut."""
+        raise NotImplementedError
+
+    def exit_threshold(self) -> float | None:
+        """None: cut at K. A share of attention: cut at the first layer >= K where the prompt's last token
+        puts less than that share on the image at the layer before (head mean, every row of a batch)."""
+        return None
 
     # -- stage "in_encoder" only ------------------------------------------------------------------
     def encoder_plan(self, feature_layer: int) -> list[int]:  # pragma: no cover - abstract

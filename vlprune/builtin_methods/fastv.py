@@ -27,6 +27,9 @@ class FastV(Method):
     def signals(self):
         return [Signal("last_attention", self.layer - 1)]
 
+    def llm_layer(self, depth: int) -> int:
+        return self.layer
+
     def select(self, tokens, k, ctx: Context) -> Selection:
         scores = ctx.signals[Signal("last_attention", self.layer - 1)].mean(1)
         return Selection(topk_indices(scores, k), scores)

@@ -22,6 +22,7 @@ from .uniform import cell_centres
 @dataclass
 class Pool(Method):
     summary = "2-D average pooling of the patch grid to exactly k tokens"
+    merges = True
     released_code = "none"
     released = "a baseline"
 

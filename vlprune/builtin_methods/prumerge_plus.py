@@ -62,6 +62,7 @@ class PruMergePlus(Method):
     """
 
     summary = "IQR outliers of last-layer [CLS] attention + grid samples, merged with key neighbours"
+    merges = True
     released_code = "`42Shawn/LLaVA-PruMerge` @ 097c041"
     released = ("the merge matches; differs: always exactly k (outliers capped, or topped up with grid-cell centres "
                 "instead of a raster stride), no extra token of all pruned patches, quartiles per image, raster "

@@ -35,6 +35,7 @@ class VisionZip(Method):
     """
 
     summary = "[CLS]-attention dominant tokens + key-similarity merged contextual tokens"
+    merges = True
     released_code = "`dvlab-research/VisionZip` @ 3151f6d"
     released = ("differs: all k outputs are patches, where the code spends one dominant slot on [CLS] (our patchers "
                 "pass patch tokens only; no option), and they come in raster order")

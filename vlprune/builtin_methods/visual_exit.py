@@ -33,5 +33,11 @@ class VisualExit(Method):
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise VlpruneError(f"threshold must be in (0, 1) (a share of attention) or None; got threshold={self.threshold!r}")
 
+    def llm_layer(self, depth: int) -> int:
+        return depth // 2 if self.layer is None else self.layer
+
+    def exit_threshold(self) -> float | None:
+        return self.threshold
+
     def select(self, tokens, k, ctx: Context) -> Selection:  # pragma: no cover - the exit keeps nothing
         raise VlpruneError("visual_exit keeps no image token; its patcher drops them all")
