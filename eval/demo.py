@@ -4,11 +4,13 @@ pruning method, side by side, and shows which patches every method kept.
 Three parts, each usable without the others:
 
 - :func:`overlay` / :func:`panels_for`: pure functions from (image, which patches were kept on which grid)
-  to a picture with the kept patches bright and the rest dimmed. A LLaVA-1.5 record is one square grid
-  over the part of the image the processor keeps (centre crop or padding); a LLaVA-NeXT record is two
-  panels, the base view and the unpadded high-res grid the crops form; a Qwen2.5-VL record is the merged
-  2x2 grid (``image_grid_thw`` / 2). Each panel is drawn on the grid's own aspect (one square cell per
-  token), so what is shown is what the model saw.
+  to a picture with the kept patches bright and the rest dimmed. A merging method's output token (a row of
+  the record's ``sources`` with several weights: pool, prumerge_plus, visionzip's contextual tokens) is
+  drawn as the region it averages, tinted in its own colour and outlined, so it does not read as one kept
+  patch. A LLaVA-1.5 record is one square grid over the part of the image the processor keeps (centre
+  crop or padding); a LLaVA-NeXT record is two panels, the base view and the unpadded high-res grid the
+  crops form; a Qwen2.5-VL record is the merged 2x2 grid (``image_grid_thw`` / 2). Each panel is drawn on
+  the grid's own aspect (one square cell per token), so what is shown is what the model saw.
 - :class:`Engine`: the model, its processor and **one lock**. A patch lives on the model object
   (``vlprune.patch`` replaces any earlier one), so two requests patching one shared model at the same
   time would run each other's method and budget. Every request therefore holds the lock from its
@@ -16,9 +18,11 @@ Three parts, each usable without the others:
   The lock is in the engine, not in Gradio's queue settings, so it holds for every caller (the page, the
   API, several events, any ``concurrency_limit``). Timings are taken inside the lock, undisturbed by
   other requests on the model.
-- :func:`build_app` / :func:`main`: the page and its named API endpoint ``/compare``. Bad input (not an
-  image, too large, empty question, budget out of range, unknown method) comes back as a message in the
-  page's status box, never as a stack trace.
+- :func:`build_app` / :func:`launch` / :func:`main`: the page and its named API endpoint ``/compare``,
+  which returns the table both as Markdown and as JSON. A sample fills in its expected answer and each
+  answer is marked against it (:func:`is_correct`). Bad input (not an image, too large, empty question,
+  budget out of range, unknown method) comes back as a message in the page's status box, never as a
+  stack trace.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -62,12 +67,14 @@ class DemoInputError(ValueError):
 class Panel:
     """One token grid of one image: ``grid`` (rows, cols), the ``kept`` raster indices, and ``box`` - the
     region (x0, y0, x1, y1) of the source image, in pixels, that the grid covers (it may reach outside the
-    image where the processor pads; that part is drawn black)."""
+    image where the processor pads; that part is drawn black). ``merged``: for a merging method, one tuple
+    per output token that averages several patches, the cells it stands for (its own kept cell included)."""
 
     grid: tuple[int, int]
     kept: tuple[int, ...]
     box: tuple[float, float, float, float]
     label: str = ""
+    merged: tuple[tuple[int, ...], ...] = ()
 
 
 def keep_mask(grid: tuple[int, int], kept) -> np.ndarray:
@@ -82,10 +89,53 @@ def keep_mask(grid: tuple[int, int], kept) -> np.ndarray:
     return mask.reshape(rows, cols)
 
 
-def overlay(image: Image.Image, panels, dim: float = 0.3, gap: int = 8, panel_px: int = PANEL_PX) -> Image.Image:
+def merge_colour(i: int) -> np.ndarray:
+    """A bright colour for merged region ``i``: hues a golden-ratio step apart, so neighbouring regions
+    (consecutive in raster order) never share a colour."""
+    import colorsys
+
+    return np.array(colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0), dtype=np.float32) * 255
+
+
+def _draw(region: np.ndarray, p: Panel, cell: int, dim: float, tint: float) -> np.ndarray:
+    """One panel: kept cells as they are, merged regions tinted in their colour and outlined in white
+    (their own kept cell left untinted), everything else multiplied by ``dim``."""
+    rows, cols = p.grid
+    owner = np.full(rows * cols, -1, dtype=np.int64)  # which merged region each cell belongs to
+    for g, cells in enumerate(p.merged):
+        owner[keep_mask(p.grid, cells).reshape(-1)] = g
+    owner = owner.reshape(rows, cols)
+    kept = keep_mask(p.grid, p.kept)
+
+    def px(cells: np.ndarray, template=None) -> np.ndarray:  # a cell-level array at pixel resolution
+        return np.kron(cells, np.ones((cell, cell), dtype=cells.dtype) if template is None else template)
+
+    out = np.where(px(kept)[..., None], region, region * dim)
+    if not p.merged:
+        return out
+    colours = np.stack([merge_colour(g) for g in range(len(p.merged))])
+    tinted = px((owner >= 0) & ~kept)[..., None]
+    colour = np.repeat(np.repeat(colours[owner.clip(0)], cell, axis=0), cell, axis=1)
+    out = np.where(tinted, region * (1 - tint) + colour * tint, out)
+    line = max(1, cell // 9)
+    pad = np.pad(owner, 1, constant_values=-1)
+    border = np.zeros(out.shape[:2], dtype=bool)
+    for neighbour, side in ((pad[:-2, 1:-1], np.s_[:line, :]), (pad[2:, 1:-1], np.s_[-line:, :]),
+                            (pad[1:-1, :-2], np.s_[:, :line]), (pad[1:-1, 2:], np.s_[:, -line:])):
+        template = np.zeros((cell, cell), dtype=bool)
+        template[side] = True  # the cell's edge towards that neighbour
+        border |= px((owner >= 0) & (neighbour != owner), template)
+    out[border] = 255
+    return out
+
+
+def overlay(image: Image.Image, panels, dim: float = 0.3, gap: int = 8, panel_px: int = PANEL_PX,
+            tint: float = 0.4) -> Image.Image:
     """The panels side by side: each shows its ``box`` of ``image`` resized to the grid (one square cell
-    per token, ``ceil(panel_px / max(rows, cols))`` pixels wide), kept cells unchanged and the others
-    multiplied by ``dim``. Panels of different heights are top-aligned on black."""
+    per token, ``ceil(panel_px / max(rows, cols))`` pixels wide), kept cells unchanged, the others
+    multiplied by ``dim``; each merged region (``Panel.merged``) is blended ``tint`` of the way towards
+    its own colour and outlined, so one output token reads as the area it averages. Panels of different
+    heights are top-aligned on black."""
     if not panels:
         raise ValueError("overlay needs at least one panel")
     rgb = image.convert("RGB")
@@ -94,9 +144,7 @@ def overlay(image: Image.Image, panels, dim: float = 0.3, gap: int = 8, panel_px
         rows, cols = p.grid
         cell = max(1, math.ceil(panel_px / max(rows, cols)))
         region = rgb.crop(tuple(round(v) for v in p.box)).resize((cols * cell, rows * cell), Image.BICUBIC)
-        pixels = np.asarray(region, dtype=np.float32)
-        bright = np.kron(keep_mask(p.grid, p.kept), np.ones((cell, cell), dtype=bool))[..., None]
-        drawn.append(np.where(bright, pixels, pixels * dim).round().astype(np.uint8))
+        drawn.append(_draw(np.asarray(region, dtype=np.float32), p, cell, dim, tint).round().astype(np.uint8))
     height = max(d.shape[0] for d in drawn)
     width = sum(d.shape[1] for d in drawn) + gap * (len(drawn) - 1)
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
@@ -122,8 +170,26 @@ def llava_box(size: tuple[int, int], image_processor) -> tuple[float, float, flo
     return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
 
+def merge_groups(record) -> list[tuple[int, ...]]:
+    """For each output token of ``record`` that averages more than one input token (a row of
+    ``record.sources`` with several non-zero weights: pool, prumerge_plus, visionzip's contextual tokens),
+    the input tokens it stands for, in the record's index space. A token several outputs draw on goes to
+    the one that weighs it most, so the regions do not overlap; each output keeps its own kept token."""
+    if getattr(record, "sources", None) is None:
+        return []
+    weights = record.sources.detach().float().cpu().numpy()  # (after, before)
+    merging = np.flatnonzero((weights > 0).sum(axis=1) > 1)
+    if not merging.size:
+        return []
+    owner = np.where((weights > 0).any(axis=0), weights.argmax(axis=0), -1)
+    kept = record.kept.cpu().numpy()
+    owner[kept] = np.arange(len(kept))
+    return [tuple(int(i) for i in np.flatnonzero(owner == row)) for row in merging]
+
+
 def panels_for(record, size: tuple[int, int], image_processor=None, grid_thw=None) -> list[Panel]:
-    """The panels of one :class:`~vlprune.ImageRecord` of an image of ``size`` (width, height).
+    """The panels of one :class:`~vlprune.ImageRecord` of an image of ``size`` (width, height), with the
+    record's merged regions (:func:`merge_groups`) on the panel they lie in.
 
     - LLaVA-NeXT (``NextImageRecord``, which carries ``grids``): the base view (the whole image on an
       s x s grid) and the unpadded high-res grid (H x W over the whole image), each with its kept tokens.
@@ -132,21 +198,27 @@ def panels_for(record, size: tuple[int, int], image_processor=None, grid_thw=Non
     - LLaVA-1.5: a square grid of ``record.before`` tokens over :func:`llava_box`.
     """
     kept = tuple(int(i) for i in record.kept.tolist())
+    groups = merge_groups(record)
     whole = (0.0, 0.0, float(size[0]), float(size[1]))
+
+    def part(lo: int, hi: int) -> dict:  # the kept tokens and merged regions in [lo, hi), panel-local
+        inside = [tuple(i - lo for i in g if lo <= i < hi) for g in groups]
+        return {"kept": tuple(i - lo for i in kept if lo <= i < hi), "merged": tuple(g for g in inside if g)}
+
     grids = getattr(record, "grids", ())
     if grids:
         (s, _), (high_h, high_w) = grids
-        panels = [Panel((s, s), tuple(i for i in kept if i < s * s), whole, "base view")]
+        panels = [Panel((s, s), box=whole, label="base view", **part(0, s * s))]
         if high_h * high_w:
-            panels.append(Panel((high_h, high_w), tuple(i - s * s for i in kept if i >= s * s), whole, "high-res crops"))
+            panels.append(Panel((high_h, high_w), box=whole, label="high-res crops", **part(s * s, s * s + high_h * high_w)))
         return panels
     if grid_thw is not None:
         _t, h, w = (int(v) for v in grid_thw)
-        return [Panel((h // 2, w // 2), kept, whole, "merged 2x2 grid")]
+        return [Panel((h // 2, w // 2), box=whole, label="merged 2x2 grid", **part(0, record.before))]
     side = math.isqrt(record.before)
     if side * side != record.before:
         raise ValueError(f"cannot lay {record.before} tokens out on a square grid; pass the model's grid")
-    return [Panel((side, side), kept, llava_box(size, image_processor), "patch grid")]
+    return [Panel((side, side), box=llava_box(size, image_processor), label="patch grid", **part(0, record.before))]
 
 
 # -- the model, shared between requests ------------------------------------------------------------------
@@ -352,61 +424,134 @@ def check_budget(mode, ratio, keep, n_visual: int) -> dict:
 
 
 # -- the page ----------------------------------------------------------------------------------------------
-TABLE_HEAD = "| setting | answer | visual tokens | LM tokens | prefill ms | speed-up |\n|---|---|---|---|---|---|\n"
+TABLE_HEAD = ("| setting | answer | visual<br>tokens | LM<br>tokens | prefill<br>ms | speed-up |\n"
+              "|---|---|---|---|---|---|\n")
+MAX_EXPECTED = 100  # characters
+SAMPLES_NOTE = ("Samples: synthetic scenes of the kind the embedded model was trained on, and two photographs "
+                "(scikit-image's sample data, CC0). The embedded model has seen only synthetic scenes, so it "
+                "answers photographs poorly; a Hugging Face checkpoint (`--model`) answers them.")
+# Gradio's defaults cut gallery captions to one line ("28/256 tokens ke...") and let table cells break
+# anywhere, mid-word, on a phone; these rules undo both and keep the page within a 420 px screen.
+CSS = """
+#table th, #table td:nth-child(3) { white-space: nowrap; }
+#table th, #table td { overflow-wrap: normal; word-break: normal; hyphens: none; }
+#table table { width: auto; max-width: 100%; }
+#table .prose, #table > div { overflow-x: auto; }
+#gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#gallery .thumbnail-item > img { height: auto; }
+#gallery .caption-label, #gallery .caption { position: static; max-width: none; white-space: normal;
+  text-overflow: clip; overflow: visible; opacity: 1; border: none; border-radius: 0; text-align: left; }
+#gallery .grid-container { grid-template-rows: none; grid-auto-rows: auto; }
+#gallery .grid-wrap { height: auto !important; max-height: none; overflow-y: visible; }
+@media (max-width: 600px) {
+  #table th, #table td { padding: 3px 4px; font-size: 12px; }
+  #table th:nth-child(4), #table td:nth-child(4) { display: none; }  /* LM tokens: in the JSON */
+  .table-wrap th, .table-wrap td { padding: 4px; }
+  #gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+}
+"""
 
 
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render(comparison: Comparison, image: Image.Image):
-    """(status, markdown table, gallery items, details) of a finished comparison."""
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", str(text).lower())
+
+
+def is_correct(answer: str, expected: str) -> bool | None:
+    """None without an expected answer. Otherwise whether the answer says it: its words contain the
+    expected words in order ("orange" matches "orange" and "The cat is orange."), case and punctuation
+    ignored, because hub models answer in sentences where the embedded model answers in one word."""
+    want = _words(expected)
+    if not want:
+        return None
+    got = _words(answer)
+    return any(got[i:i + len(want)] == want for i in range(len(got) - len(want) + 1))
+
+
+def method_summary(name: str) -> str:
+    """A method's one-line description: its class's ``summary``, else the first line of its docstring."""
+    cls = get_method(name)
+    return cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
+
+
+def _mark(correct: bool | None) -> str:
+    return {True: " ✓", False: " ✗", None: ""}[correct]
+
+
+def _caption(r: Run, correct: bool | None) -> str:
+    """A gallery caption: answer, its mark, and what the picture shows (merged regions say so)."""
+    before, after = r.visual
+    merged = sum(len(p.merged) for p in r.panels)
+    shown = f"{after} of {before} tokens kept (bright)"
+    if merged:
+        shown += f"; {merged} of them each average a coloured, outlined region"
+    return f"{r.method}: {r.answer or '(empty)'}{_mark(correct)} · {shown} · {' | '.join(p.label for p in r.panels)}"
+
+
+def render(comparison: Comparison, image: Image.Image, expected: str = ""):
+    """(status, markdown table, gallery items, result) of a finished comparison; ``result`` is the table as
+    JSON (one entry per row, plus each overlay's grids, kept indices and merged regions) for API callers."""
     runs = comparison.runs
     n = next((r.visual[0] for r in runs if r.visual), None)
+    correct = [None if r.error else is_correct(r.answer, expected) for r in runs]
     rows = []
-    for r in runs:
+    for r, ok in zip(runs, correct):
         name = "unpruned" if r.method is None else r.method
         if r.error:
             rows.append(f"| {name} | error: {_cell(r.error)} | | | | |")
             continue
         tokens = (n or "") if r.method is None else f"{r.visual[0]} → {r.visual[1]}"
         speed = "1.00×" if r.method is None else f"{r.speedup:.2f}×" if r.speedup else ""
-        rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}** | {tokens} | {r.lm_tokens} | {r.prefill_ms:.1f}{'*' if r.noisy else ''} | {speed} |")
-    gallery = [(image, f"unpruned: {runs[0].answer or runs[0].error}")]
-    for r in runs[1:]:
-        if r.panels:
-            parts = " | ".join(p.label for p in r.panels)
-            gallery.append((overlay(image, r.panels), f"{r.method}: {r.answer} ({r.visual[1]}/{r.visual[0]} tokens kept; {parts})"))
+        rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}**{_mark(ok)} | {tokens} | {r.lm_tokens} | "
+                    f"{r.prefill_ms:.1f}{'*' if r.noisy else ''} | {speed} |")
+    head = f"Expected answer: **{_cell(expected.strip())}** (✓ the answer says it, ✗ it does not)\n\n" if expected.strip() else ""
     note = (f"\n\nprefill: median of {comparison.repeats} forward pass(es) over the prompt on {comparison.device}, "
             f"after `generate` warmed the setting up; speed-up = unpruned / pruned prefill.")
     if any(r.noisy for r in runs):
         note += f" \\* noisy: its timed passes differed by more than {NOISY}x (another process competed for the device)."
+    note += "\n\n" + "\n".join(f"- **{r.method}**: {method_summary(r.method)}" for r in runs[1:])
+    gallery = [(image, f"unpruned: {runs[0].error or (runs[0].answer or '(empty)') + _mark(correct[0])} · all {n or '?'} tokens")]
+    gallery += [(overlay(image, r.panels), _caption(r, ok)) for r, ok in zip(runs[1:], correct[1:]) if r.panels]
     budget = ", ".join(f"{k}={v}" for k, v in comparison.budget.items())
     failed = [r.method or "unpruned" for r in runs if r.error]
     status = f"Done: {len(runs) - 1} method(s) at {budget}" + (f"; failed: {', '.join(failed)}" if failed else "") + \
         (f" (waited {comparison.waited_s:.1f} s for another request)" if comparison.waited_s > 0.05 else "") + "."
-    details = {
+    result = {
         "budget": comparison.budget,
+        "expected": expected.strip() or None,
         "waited_s": round(comparison.waited_s, 3),
         "model_window": list(comparison.model_window),
-        "runs": [{"method": r.method, "answer": r.answer, "error": r.error,
+        "runs": [{"method": r.method, "summary": None if r.method is None else method_summary(r.method),
+                  "answer": r.answer, "correct": ok, "error": r.error,
                   "visual_before": r.visual[0] if r.visual else n, "visual_after": r.visual[1] if r.visual else n,
                   "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup, "noisy": r.noisy,
-                  "kept": [list(p.kept) for p in r.panels], "grids": [list(p.grid) for p in r.panels]} for r in runs],
+                  "grids": [list(p.grid) for p in r.panels], "kept": [list(p.kept) for p in r.panels],
+                  "merged": [[list(g) for g in p.merged] for p in r.panels]} for r, ok in zip(runs, correct)],
     }
-    return status, TABLE_HEAD + "\n".join(rows) + note, gallery, details
+    return status, head + TABLE_HEAD + "\n".join(rows) + note, gallery, result
 
 
-def handle_request(engine: Engine, image_path, question, methods, mode, ratio, keep):
+def check_expected(expected) -> str:
+    expected = (expected or "").strip()
+    if len(expected) > MAX_EXPECTED:
+        raise DemoInputError(f"The expected answer is {len(expected)} characters long; the limit is {MAX_EXPECTED}.")
+    return expected
+
+
+def handle_request(engine: Engine, image_path, question, methods, mode, ratio, keep, expected=""):
     """The ``/compare`` endpoint: checks the input, runs the comparison, and turns every failure into a
     message in the status box (the outputs are cleared, so no stale result sits next to an error)."""
     try:
         image = load_image(image_path)
         question = check_question(question)
         methods = check_methods(methods)
+        expected = check_expected(expected)
         inputs = engine.inputs(image, question)
         budget = check_budget(mode, ratio, keep, engine.visual_tokens(inputs))
-        return render(engine.compare(image, inputs, methods, budget), image)
+        return render(engine.compare(image, inputs, methods, budget), image, expected)
     except DemoInputError as e:
         return f"**Error:** {e}", "", [], {"error": str(e)}
     except Exception as e:  # the page gets one line; the server log gets the traceback
@@ -421,11 +566,18 @@ def samples_dir() -> Path:
 
 
 def sample_examples() -> list[list[str]]:
-    """[[image path, question], ...] of the shipped samples (``assets/samples/samples.json``)."""
+    """[[image path, question, expected answer], ...] of the shipped samples (``assets/samples/samples.json``:
+    a list of {"file", "question", "answer"}, optionally "source")."""
     index = samples_dir() / "samples.json"
     if not index.is_file():
         return []
-    return [[str(samples_dir() / s["file"]), s["question"]] for s in json.loads(index.read_text())]
+    examples = []
+    for i, s in enumerate(json.loads(index.read_text())):
+        missing = {"file", "question", "answer"} - set(s)
+        if missing:
+            raise ValueError(f"{index}: sample {i} lacks {', '.join(sorted(missing))}")
+        examples.append([str(samples_dir() / s["file"]), s["question"], s["answer"]])
+    return examples
 
 
 def _image_component(**kw):
@@ -440,6 +592,13 @@ def _image_component(**kw):
     return image
 
 
+def budget_controls(mode: str):
+    """Only the control the chosen budget mode reads stays active; the other is greyed out."""
+    import gradio as gr
+
+    return gr.update(interactive=mode == "ratio"), gr.update(interactive=mode == "keep")
+
+
 def build_app(engine: Engine, concurrency: int = 4):
     """The page. ``concurrency`` requests may be in flight at once (decoding, checks, drawing); the
     engine's lock still gives the model to one at a time."""
@@ -448,31 +607,49 @@ def build_app(engine: Engine, concurrency: int = 4):
     names = list(vlprune.methods())
     with gr.Blocks(title="vlprune demo", analytics_enabled=False) as app:
         gr.Markdown(f"# vlprune demo\nOne image, one question: the unpruned answer next to each pruning method's, "
-                    f"with the visual tokens each method kept (bright) and dropped (dimmed). Model: `{engine.name}`.")
+                    f"with the visual tokens each method kept (bright) and dropped (dimmed); a merging method's "
+                    f"tokens show the region each one averages (coloured, outlined). Model: `{engine.name}`.")
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=280):
                 image = _image_component(label="Image", sources=["upload"], elem_id="image", height=300)
                 question = gr.Textbox(label="Question", elem_id="question", max_lines=3)
+                expected = gr.Textbox(label="Expected answer", info="optional; a sample fills it in", elem_id="expected",
+                                      max_lines=1)
                 methods = gr.CheckboxGroup(names, value=[m for m in DEFAULT_METHODS if m in names],
                                            label="Methods", elem_id="methods")
+                with gr.Accordion("What each method does", open=False, elem_id="method-notes"):
+                    gr.Markdown("\n".join(f"- **{m}**: {method_summary(m)}" for m in names))
                 mode = gr.Radio(["ratio", "keep"], value="ratio", label="Budget given as", elem_id="mode")
                 ratio = gr.Slider(0, RATIO_MAX, value=0.75, step=0.01, label="Reduction ratio (fraction of visual tokens removed)",
                                   elem_id="ratio")
-                keep = gr.Number(value=64, precision=0, label="Tokens to keep per image", elem_id="keep")
+                keep = gr.Number(value=64, precision=0, label="Tokens to keep per image", elem_id="keep", interactive=False)
                 run = gr.Button("Compare", variant="primary", elem_id="run")
                 if examples := sample_examples():
-                    gr.Examples(examples, inputs=[image, question], label="Samples (synthetic scenes for the embedded model)")
-            with gr.Column(scale=2):
+                    gr.Markdown(SAMPLES_NOTE, elem_id="samples-note")
+                    gr.Examples(examples, inputs=[image, question, expected], label="Samples")
+            with gr.Column(scale=2, min_width=280):
                 status = gr.Markdown("Upload an image, ask a question, press **Compare**.", elem_id="status")
                 table = gr.Markdown(elem_id="table")
                 gallery = gr.Gallery(label="Kept patches (bright) per method", elem_id="gallery", columns=3,
-                                     object_fit="contain", height=300)
-                with gr.Accordion("Details (JSON)", open=False):
-                    details = gr.JSON(elem_id="details")
-        run.click(lambda *a: handle_request(engine, *a), [image, question, methods, mode, ratio, keep],
-                  [status, table, gallery, details], api_name="compare", concurrency_limit=concurrency,
+                                     object_fit="contain", height="auto")
+                with gr.Accordion("The table as JSON (the API's fourth output)", open=False):
+                    result = gr.JSON(label="Result", elem_id="details")
+        mode.change(budget_controls, mode, [ratio, keep], queue=False, api_visibility="private")
+        image.upload(lambda: "", None, expected, queue=False, api_visibility="private")  # a new image: no known answer
+
+        def compare(image, question, methods, mode, ratio, keep, expected=None):
+            """Named parameters for API callers; ``expected`` may be left out (it came last, later)."""
+            return handle_request(engine, image, question, methods, mode, ratio, keep, expected)
+
+        run.click(compare, [image, question, methods, mode, ratio, keep, expected],
+                  [status, table, gallery, result], api_name="compare", concurrency_limit=concurrency,
                   show_progress="minimal")  # a small timer: a full-page animation costs CPU the timings share
     return app
+
+
+def launch(app, **kw):
+    """``app.launch(**kw)`` with the page's :data:`CSS` (Gradio 6 takes CSS at launch, not in ``gr.Blocks``)."""
+    return app.launch(css=CSS, **kw)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -499,8 +676,8 @@ def main(argv=None) -> None:
                   else Engine.embedded(args.device, **kw))
     except (OSError, vlprune.VlpruneError) as e:
         raise SystemExit(f"vlprune-demo: cannot load the model: {e}")
-    build_app(engine, args.concurrency).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                               max_file_size=2 * MAX_BYTES)
+    launch(build_app(engine, args.concurrency), server_name=args.host, server_port=args.port, share=args.share,
+           max_file_size=2 * MAX_BYTES)
 
 
 if __name__ == "__main__":

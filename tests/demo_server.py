@@ -16,11 +16,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(engine, concurrency: int = 4):
     """Launch the demo page for ``engine`` on 127.0.0.1; yields its URL; closes the server afterwards."""
-    from vlprune.eval.demo import build_app
+    from vlprune.eval.demo import build_app, launch
 
     app = build_app(engine, concurrency=concurrency)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

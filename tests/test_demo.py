@@ -1,11 +1,15 @@
 """The demo server end to end (eval/demo.py): the embedded model served on loopback, called through
-``gradio_client`` at the named endpoint ``/compare``; bad input answered with a message; and concurrent
-requests with different methods and budgets each getting their own result (measured against sequential
-runs), with a control that shows what the engine's lock prevents."""
+``gradio_client`` at the named endpoint ``/compare``: answers marked against a sample's expected answer,
+the table also returned as JSON, merging methods' regions; bad input answered with a message; and
+concurrent requests with different methods and budgets each getting their own result (measured against
+sequential runs), with a control that shows what the engine's lock prevents."""
 import concurrent.futures
+import re
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,32 +32,57 @@ def client(engine):
         yield Client(url, verbose=False)
 
 
-def compare(client, image, question, methods, mode="ratio", ratio=0.75, keep=64):
+def compare(client, image, question, methods, mode="ratio", ratio=0.75, keep=64, expected=None):
+    """Calls ``/compare``; without ``expected`` with the six arguments the endpoint took before it had one."""
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(image)), question, methods, mode, ratio, keep, api_name="/compare")
+    args = [handle_file(str(image)), question, methods, mode, ratio, keep] + ([expected] if expected is not None else [])
+    return client.predict(*args, api_name="/compare")
 
 
 def test_samples_ship_with_the_package():
-    assert len(SAMPLES) >= 3 and all(Image.open(path).size == (224, 224) for path, _ in SAMPLES)
+    """Synthetic scenes and at least two real photographs, each small, with a question and expected answer."""
+    scenes = [path for path, _, _ in SAMPLES if Path(path).name.startswith("scene-")]
+    photos = [path for path, _, _ in SAMPLES if Path(path).name.startswith("photo-")]
+    assert len(scenes) >= 3 and all(Image.open(path).size == (224, 224) for path in scenes)
+    assert len(photos) >= 2 and all(min(Image.open(path).size) >= 224 for path in photos)
+    assert all(question and answer for _, question, answer in SAMPLES)
+    assert all(Path(path).stat().st_size <= 60_000 for path, _, _ in SAMPLES)
 
 
-def test_two_methods_answers_and_overlays(client):
-    image, question = SAMPLES[0]  # "what color is the cross ?" -> green
-    status, table, gallery, details = compare(client, image, question, ["fastervlm", "uniform"])
+def table_rows(table: str) -> list[list[str]]:
+    """The Markdown table's body rows as lists of cells."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")][1:]  # without the header
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+
+
+def test_two_methods_answers_overlays_and_the_table_as_json(client):
+    image, question, expected = SAMPLES[0]  # "what color is the cross ?" -> green
+    status, table, gallery, details = compare(client, image, question, ["fastervlm", "uniform"], expected=expected)
     assert status.startswith("Done: 2 method(s) at ratio=0.75"), status
     runs = {r["method"]: r for r in details["runs"]}
     assert list(runs) == [None, "fastervlm", "uniform"]
-    assert runs[None]["answer"] == "green"  # the embedded model answers this sample correctly unpruned
+    assert runs[None]["answer"] == "green" and runs[None]["correct"] is True  # right unpruned
+    assert details["expected"] == "green" and "Expected answer: **green**" in table
     for name in ("fastervlm", "uniform"):
         r = runs[name]
         assert r["error"] is None and r["answer"] and (r["visual_before"], r["visual_after"]) == (256, 64)
         assert r["grids"] == [[16, 16]] and len(r["kept"][0]) == 64 and r["lm_tokens"] == runs[None]["lm_tokens"] - 192
-        assert r["prefill_ms"] > 0 and r["speedup"] > 0
-        assert f"| {name} | **{r['answer']}** | 256 → 64 |" in table
+        assert r["prefill_ms"] > 0 and r["speedup"] > 0 and r["merged"] == [[]]
+        assert r["correct"] is (r["answer"] == "green") and r["summary"] == demo.method_summary(name)
+        mark = "✓" if r["correct"] else "✗"
+        assert f"| {name} | **{r['answer']}** {mark} | 256 → 64 |" in table
+        assert f"- **{name}**: {r['summary']}" in table  # the one-line description under the table
+    # the JSON output is the table's rows as values (an API caller need not parse Markdown)
+    rows = table_rows(table)
+    assert [row[0] for row in rows] == ["unpruned", "fastervlm", "uniform"]
+    for row, r in zip(rows, details["runs"]):
+        assert row[1].startswith(f"**{r['answer']}**") and row[3] == str(r["lm_tokens"])
+        assert row[4] == f"{r['prefill_ms']:.1f}" + ("*" if r["noisy"] else "")
     assert runs["fastervlm"]["kept"] != runs["uniform"]["kept"]
     # the gallery: the image, then one overlay per method, drawn as files the client downloaded
     assert len(gallery) == 3 and gallery[1]["caption"].startswith("fastervlm: ")
+    assert gallery[0]["caption"] == "unpruned: green ✓ · all 256 tokens"
     over = Image.open(gallery[1]["image"]).convert("L")  # the client downloads each file and gives its path
     assert over.size == (448, 448)  # 16 x 16 cells of 28 px
     bright = [over.getpixel((c * 28 + 14, r * 28 + 14)) for r in range(16) for c in range(16)]
@@ -63,8 +92,61 @@ def test_two_methods_answers_and_overlays(client):
     assert min(ratio[i] for i in kept) > 0.6 and max(ratio[i] for i in range(256) if i not in kept) < 0.45
 
 
+def test_the_api_lists_its_json_output(client):
+    outputs = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/compare"]["returns"]
+    assert [o["component"] for o in outputs] == ["Markdown", "Markdown", "Gallery", "Json"]
+
+
+@pytest.mark.parametrize("index", [i for i, (path, _, _) in enumerate(SAMPLES) if Path(path).name.startswith("photo-")])
+def test_photographs_answered_and_marked_against_their_expected_answer(client, index):
+    """Whatever the embedded model answers on a photograph (it was trained on synthetic scenes), the page
+    marks it against the sample's expected answer, the same way in the table and the JSON."""
+    image, question, expected = SAMPLES[index]
+    status, table, gallery, details = compare(client, image, question, ["fastervlm"], expected=expected)
+    assert status.startswith("Done"), status
+    for r, row in zip(details["runs"], table_rows(table)):
+        assert r["correct"] is demo.is_correct(r["answer"], expected) is not None
+        assert row[1] == f"**{r['answer']}** {'✓' if r['correct'] else '✗'}"
+    assert f"Expected answer: **{expected}**" in table and len(gallery) == 2
+
+
+def test_merging_methods_report_the_region_each_token_averages(client):
+    """pool averages 16 disjoint cells that tile the grid; prumerge_plus merges each kept patch with key
+    neighbours (overlapping; each patch is drawn in the region of the output that weighs it most); visionzip's contextual tokens merge, its dominant
+    tokens do not; fastervlm merges nothing. The overlays the page shows are exactly :func:`demo.overlay`
+    of those regions (up to the gallery's image compression)."""
+    from vlprune.registry import get_method
+
+    image, question, _ = SAMPLES[0]
+    methods = ["pool", "prumerge_plus", "visionzip", "fastervlm"]
+    status, _table, gallery, details = compare(client, image, question, methods, mode="keep", keep=16)
+    assert status.startswith("Done: 4 method(s)"), status
+    runs = {r["method"]: r for r in details["runs"][1:]}
+    for name, r in runs.items():
+        (kept,), (merged,) = r["kept"], r["merged"]
+        cells = [i for g in merged for i in g]
+        assert len(cells) == len(set(cells)), name  # the regions do not overlap
+        assert all(len([k for k in kept if k in g]) == 1 for g in merged), name  # one output token per region
+        if name == "pool":
+            assert len(merged) == 16 and sorted(cells) == list(range(256))
+        elif name == "prumerge_plus":
+            assert len(merged) == 16 and len(cells) > 16  # (a patch shared by several goes to one of them)
+        elif name == "visionzip":
+            assert len(merged) == get_method("visionzip")().split(16)[1] > 0
+        else:
+            assert merged == []
+    src = demo.load_image(image)
+    for item, name in zip(gallery[1:], methods):
+        r = runs[name]
+        panel = demo.Panel(tuple(r["grids"][0]), tuple(r["kept"][0]), (0, 0, 224, 224), merged=tuple(map(tuple, r["merged"][0])))
+        want = np.asarray(demo.overlay(src, [panel]), dtype=np.float64)
+        got = np.asarray(Image.open(item["image"]).convert("RGB"), dtype=np.float64)
+        assert got.shape == want.shape and np.abs(got - want).mean() < 6, name
+        assert ("average a coloured, outlined region" in item["caption"]) == (name != "fastervlm"), item["caption"]
+
+
 def test_keep_budget_and_unbudgeted_method(client):
-    image, question = SAMPLES[1]
+    image, question, _ = SAMPLES[1]
     status, _table, _gallery, details = compare(client, image, question, ["pool", "visual_exit"], mode="keep", keep=16)
     assert status.startswith("Done"), status
     pool, exit_ = details["runs"][1:]
@@ -74,9 +156,10 @@ def test_keep_budget_and_unbudgeted_method(client):
 @pytest.mark.parametrize("case, message", [
     ("not_image", "not an image"), ("empty_question", "Type a question"),
     ("keep_too_big", "between 1 and 256"), ("no_methods", "at least one"), ("huge", "limit is"),
+    ("long_expected", "expected answer is 101 characters"),
 ])
 def test_bad_input_gets_a_message_not_a_trace(client, tmp_path, monkeypatch, case, message):
-    image, question = SAMPLES[0]
+    image, question, _ = SAMPLES[0]
     args = dict(image=image, question=question, methods=["fastervlm"])
     if case == "not_image":
         args["image"] = tmp_path / "x.png"
@@ -87,6 +170,8 @@ def test_bad_input_gets_a_message_not_a_trace(client, tmp_path, monkeypatch, cas
         args.update(mode="keep", keep=1000)
     elif case == "no_methods":
         args["methods"] = []
+    elif case == "long_expected":
+        args["expected"] = "x" * 101
     elif case == "huge":
         monkeypatch.setattr(demo, "MAX_PIXELS", 224 * 224 - 1)  # the server runs in this process
     status, table, gallery, details = compare(client, args.pop("image"), args.pop("question"), args.pop("methods"), **args)
@@ -103,7 +188,7 @@ def test_values_no_control_can_hold_are_refused_by_gradio(client, change, messag
     these, and Gradio's own component checks refuse them with a message (before the handler runs)."""
     from gradio_client.exceptions import AppError
 
-    image, question = SAMPLES[0]
+    image, question, _ = SAMPLES[0]
     args = {"methods": ["fastervlm"]} | change
     with pytest.raises(AppError, match=message):
         compare(client, image, question, **args)
@@ -129,7 +214,7 @@ def test_concurrent_requests_each_get_their_own_result(client):
     request at a time."""
     def call(req):
         sample, methods, budget = req
-        return compare(client, *SAMPLES[sample], methods, **budget)[3]
+        return compare(client, *SAMPLES[sample][:2], methods, **budget)[3]
 
     sequential = [call(r) for r in REQUESTS]
     with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
@@ -154,7 +239,7 @@ def test_the_lock_is_what_keeps_requests_apart(engine, serialize):
     """The same two simultaneous requests on two engines sharing one model, with and without the lock: with
     it both match their solo runs; without it (the control) some result is wrong, so the test above
     could see mixing if the lock were missing."""
-    path, question = SAMPLES[0]
+    path, question, _ = SAMPLES[0]
     image = demo.load_image(path)
     inputs = engine.inputs(image, question)
     reqs = [(["fastervlm"], {"ratio": 0.75}), (["uniform"], {"keep": 9})]
@@ -207,7 +292,7 @@ def test_cli_serves_on_loopback():
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, "the demo did not come up"
                 time.sleep(1)
-        status = compare(Client(f"http://127.0.0.1:{port}/", verbose=False), *SAMPLES[0], ["fastervlm"])[0]
+        status = compare(Client(f"http://127.0.0.1:{port}/", verbose=False), *SAMPLES[0][:2], ["fastervlm"])[0]
         assert status.startswith("Done: 1 method(s)"), status
     finally:
         proc.terminate()

@@ -1,5 +1,6 @@
-"""The demo's pure parts (eval/demo.py): the kept-patch overlay, the record -> grid mapping of each model
-family (on hand-made records and on real records of tiny LLaVA-NeXT and Qwen2.5-VL models), and the input
+"""The demo's pure parts (eval/demo.py): the kept-patch overlay and its merged regions, the record -> grid
+mapping of each model family (on hand-made records and on real records of tiny LLaVA-NeXT and Qwen2.5-VL
+models), the answer check against a sample's expected answer, the method descriptions, and the input
 checks whose messages the page shows. No embedded model, no server."""
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 import vlprune
 from vlprune.eval import demo
-from vlprune.eval.demo import DemoInputError, Panel, keep_mask, llava_box, overlay, panels_for
+from vlprune.eval.demo import DemoInputError, Panel, keep_mask, llava_box, merge_colour, merge_groups, overlay, panels_for
 from vlprune.patcher import ImageRecord
 from vlprune.patches.llava_next_hf import NextImageRecord
 
@@ -60,6 +61,50 @@ def test_keep_mask_refuses_indices_off_the_grid():
         keep_mask((2, 2), [4])
     with pytest.raises(ValueError, match="at least one panel"):
         overlay(flat(1), [])
+
+
+def test_merged_regions_are_tinted_and_outlined_unlike_single_kept_patches():
+    """A 4 x 4 grid: token 15 kept alone; output 0 averages the 2 x 2 block at the top left (0, 1, 4, 5),
+    standing at 0. The block's other cells take its colour and a white outline; cell 0 itself and the
+    single kept cell keep the image; the rest is dimmed. 16 px cells, outline 1 px."""
+    sources = torch.zeros(2, 16)
+    sources[0, [0, 1, 4, 5]] = 0.25
+    sources[1, 15] = 1.0
+    rec = ImageRecord(row=0, before=16, after=2, kept=torch.tensor([0, 15]), sources=sources)
+    (p,) = panels_for(rec, (64, 64))
+    assert p.kept == (0, 15) and p.merged == ((0, 1, 4, 5),)
+    out = np.asarray(overlay(flat(100, (64, 64)), [p], dim=0.5, tint=0.4, panel_px=64)).astype(int)
+    centre = lambda i: out[(i // 4) * 16 + 8, (i % 4) * 16 + 8]  # noqa: E731
+    tinted = np.round(100 * 0.6 + merge_colour(0) * 0.4)
+    for i in (1, 4, 5):
+        np.testing.assert_array_equal(centre(i), tinted)
+    np.testing.assert_array_equal(centre(0), [100] * 3)  # the token's own patch, as a kept patch
+    np.testing.assert_array_equal(centre(15), [100] * 3)  # kept alone: no tint ...
+    assert (out[48:64, 48:64] == 100).all()  # ... and no outline
+    np.testing.assert_array_equal(centre(2), [50] * 3)  # dropped: dimmed
+    assert (out[0, :32] == 255).all() and (out[:32, 0] == 255).all()  # the block's outline, top and left
+    assert (out[31, :32] == 255).all() and (out[:32, 31] == 255).all()  # bottom and right
+    assert (out[15, 1:31] != 255).any(axis=-1).all()  # no line between cells of one region
+
+
+def test_a_patch_several_outputs_draw_on_goes_to_the_heaviest():
+    """prumerge_plus-style overlapping neighbours: patches 1 and 2 are in both outputs' sources; each goes to
+    the output that weighs it more (1 to output 0, 2 to output 1), so the regions do not overlap."""
+    sources = torch.tensor([[0.8, 0.15, 0.05, 0.0], [0.0, 0.1, 0.3, 0.6]])
+    rec = ImageRecord(row=0, before=4, after=2, kept=torch.tensor([0, 3]), sources=sources)
+    assert merge_groups(rec) == [(0, 1), (2, 3)]
+    one_hot = ImageRecord(row=0, before=4, after=2, kept=torch.tensor([0, 3]), sources=torch.eye(4)[[0, 3]])
+    assert merge_groups(one_hot) == [] and merge_groups(ImageRecord(row=0, before=4, after=2, kept=torch.tensor([0, 3]))) == []
+
+
+def test_next_record_merged_regions_land_on_their_panel():
+    # base view 2 x 2 (0..3), high-res 1 x 4 (4..7): output 0 averages base 0, 1; output 1 averages high-res 5, 6, 7
+    sources = torch.zeros(2, 8)
+    sources[0, [0, 1]] = 0.5
+    sources[1, [5, 6, 7]] = 1 / 3
+    rec = NextImageRecord(row=0, before=8, after=2, kept=torch.tensor([0, 6]), sources=sources, grids=((2, 2), (1, 4)))
+    base, high = panels_for(rec, (80, 20))
+    assert (base.kept, base.merged, high.kept, high.merged) == ((0,), ((0, 1),), (2,), ((1, 2, 3),))
 
 
 # -- record -> panels -------------------------------------------------------------------------------
@@ -128,6 +173,23 @@ def test_real_next_record_on_its_grids():
     assert _bright_cells(image, panels) == rec.after == 6
 
 
+def test_real_pool_record_on_next_tiles_every_panel():
+    """``pool`` on a tiny LLaVA-NeXT averages every patch of each view into exactly one output: each panel's
+    merged regions are disjoint, cover the whole grid, and number the outputs that view got."""
+    from test_llava_next_hf import SIZES, inputs, next_config
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration._from_config(next_config()).eval()
+    with vlprune.pruned(model, "pool", keep=6) as h, torch.inference_mode():
+        model(**inputs(["wide"]).to("cpu"))
+        rec = h.last[0]
+    h_px, w_px = SIZES["wide"]
+    for p in panels_for(rec, (w_px, h_px)):
+        cells = sorted(i for g in p.merged for i in g)
+        assert cells == list(range(p.grid[0] * p.grid[1])) and len(p.merged) == len(p.kept) > 1
+
+
 def test_real_qwen_record_on_its_merged_grid():
     """A tiny Qwen2.5-VL, an 84 x 140 image: 6 x 10 patches, merged 3 x 5; the panel has the image's
     aspect and exactly ``after`` bright cells."""
@@ -183,6 +245,33 @@ def test_question_methods_budget():
                               ("keep", None, 0), ("keep", None, 257), ("keep", None, 2.5), ("tokens", 0.5, 5)]:
         with pytest.raises(DemoInputError, match="ratio|keep|Budget"):
             demo.check_budget(mode, ratio, keep, 256)
+
+
+def test_answer_checked_against_the_expected_answer():
+    assert demo.is_correct("green", "green") and demo.is_correct("The cat is Orange.", "orange")
+    assert demo.is_correct("top left", "top left") and not demo.is_correct("top right", "top left")
+    assert demo.is_correct("two", "one") is False and demo.is_correct("one", "  ") is None
+    assert not demo.is_correct("someone", "one")  # whole words only
+    assert demo.check_expected("  orange ") == "orange"
+    with pytest.raises(DemoInputError, match="expected answer .* limit"):
+        demo.check_expected("x" * (demo.MAX_EXPECTED + 1))
+
+
+def test_every_method_has_a_one_line_description():
+    """The page lists each registered method with its class's own ``summary`` (no second list to drift)."""
+    from vlprune.registry import get_method
+
+    for name in vlprune.methods():
+        text = demo.method_summary(name)
+        assert text and "\n" not in text and len(text) < 160, name
+        assert text == (get_method(name).summary or text)
+
+
+def test_samples_index_errors_name_the_missing_field(tmp_path, monkeypatch):
+    (tmp_path / "samples.json").write_text('[{"file": "a.jpg", "question": "what ?"}]')
+    monkeypatch.setattr(demo, "samples_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match="sample 0 lacks answer"):
+        demo.sample_examples()
 
 
 def test_parser_defaults_to_loopback():

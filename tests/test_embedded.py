@@ -289,15 +289,10 @@ def test_load_embedded_answers_and_patches(tmp_path):
 def test_the_chat_template_asks_in_the_wording_the_model_was_trained_on(tmp_path):
     """``apply_chat_template`` gives the LLaVA-1.5 prompt of training (string or image/text parts), the
     shipped model answers through it as through the plain wording, and a written checkpoint carries it."""
-    import vlprune
-    from vlprune.embedded import asset_dir, evaluate
+    from vlprune.embedded import evaluate
     from vlprune.embedded import model as emb
 
-    try:
-        asset_dir()
-    except FileNotFoundError:
-        pytest.skip("no trained embedded checkpoint in assets/embedded")
-    model, processor = vlprune.load_embedded()
+    model, processor = _shipped()
     items = scenes.test_items(24)
     asked = []
     for item in items:
@@ -322,6 +317,18 @@ def test_the_chat_template_asks_in_the_wording_the_model_was_trained_on(tmp_path
     assert AutoProcessor.from_pretrained(tmp_path / "ckpt").chat_template == emb.CHAT_TEMPLATE
 
 
+def _shipped():
+    """(model, processor) of the shipped checkpoint, or a skip where none is in assets/embedded."""
+    import vlprune
+    from vlprune.embedded import asset_dir
+
+    try:
+        asset_dir()
+    except FileNotFoundError:
+        pytest.skip("no trained embedded checkpoint in assets/embedded")
+    return vlprune.load_embedded()
+
+
 def _keys(path):
     from safetensors import safe_open
 
@@ -331,15 +338,10 @@ def _keys(path):
 
 @needs_weights
 def test_shipped_model_accuracy_on_200_heldout_items():
-    from vlprune.embedded import asset_dir, evaluate
-
-    try:
-        asset_dir()
-    except FileNotFoundError:
-        pytest.skip("no trained embedded checkpoint in assets/embedded")
     import vlprune
+    from vlprune.embedded import evaluate
 
-    model, processor = vlprune.load_embedded()
+    model, processor = _shipped()
     items = scenes.test_items(200)
     acc = evaluate.score(items, evaluate.answers(model, processor, items))
     # measured 0.83 on 500 items of the answer-balanced split (assets/results/embedded-heldout)
