@@ -27,21 +27,42 @@ def prompt(context: str) -> str:
     return f"USER: {context} ASSISTANT:"
 
 
+def one_device(device: str | None, device_map: str | None) -> torch.device:
+    """The one device the embedded model runs on. ``device_map`` is accepted because the HF bases take it
+    and the same model_args (``device=cpu,device_map=cpu``) then work for both; it may only name that one
+    device: a map that spreads the model (``auto``, ``balanced``, ...) is an error, not ignored."""
+    mapped = None
+    if device_map not in (None, ""):
+        try:
+            mapped = torch.device(str(device_map))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"base=embedded runs on one device, so device_map may only name it (cpu, cuda, "
+                             f"cuda:N); got device_map={device_map!r}") from None
+    chosen = torch.device(device) if device else (mapped or torch.device("cpu"))
+    if mapped is not None and (mapped.type != chosen.type or None not in (mapped.index, chosen.index) and
+                               mapped.index != chosen.index):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} name different devices; base=embedded "
+                         f"runs on one: give one of them, or the same device twice")
+    return chosen
+
+
 class EmbeddedLlava(LlavaHfSimple):
     is_simple = True
 
-    def __init__(self, pretrained: str | None = None, device: str = "cpu", batch_size: int | str = 8,
-                 attn_implementation: str = "sdpa", **kwargs) -> None:
+    def __init__(self, pretrained: str | None = None, device: str | None = None, batch_size: int | str = 8,
+                 attn_implementation: str = "sdpa", device_map: str | None = None, **kwargs) -> None:
         lmms.__init__(self)
         if kwargs:
             raise ValueError(f"unexpected model_args for base=embedded: {sorted(kwargs)}; allowed: pretrained "
-                             "(a checkpoint written by vlprune.embedded.train), device, batch_size, attn_implementation")
+                             "(a checkpoint written by vlprune.embedded.train), device, device_map, batch_size, "
+                             "attn_implementation")
+        device = one_device(device, device_map)
         from accelerate import Accelerator
 
         from vlprune.embedded import load_embedded
 
         self.accelerator = Accelerator()
-        self._device = torch.device(device)
+        self._device = device
         model, processor = load_embedded(pretrained, attn_implementation=attn_implementation)
         self._model = model.to(self._device)
         self._image_processor = processor

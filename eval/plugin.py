@@ -15,13 +15,20 @@ model_args: ``base`` (default ``llava_hf``; ``embedded`` = vlprune's offline mod
 ``ratio`` or ``keep``, ``positions``; keys that name an option of the method (``layer=-3``) go to the
 method; everything else goes to the base model. Without ``method`` the base runs unpruned (a baseline
 through the same code path).
+
+What a run records: the patch is logged once (method, budget, every option); each answer of a
+``generate_until`` request carries the visual tokens its images kept (``visual_tokens_kept`` in the
+sample's ``token_counts`` with ``--log_samples``); results.json's ``model_backend`` names the patch, e.g.
+``...LlavaHf+vlprune(fastervlm keep=64 layer=-3) (chat)``.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from lmms_eval.api.instance import GenerationResult, TokenCounts, unwrap_generation_output
 from lmms_eval.api.model import lmms
+from loguru import logger
 
 from vlprune.errors import VlpruneError
 
@@ -115,15 +122,158 @@ def _default_device(klass, base_args: dict, extra: dict) -> None:
 
 
 def apply_patch(lm, patch: dict):
-    """Patch the HF model inside ``lm`` (``patch`` = ``vlprune.patch`` kwargs; empty = unpruned)."""
+    """Patch the HF model inside ``lm`` (``patch`` = ``vlprune.patch`` kwargs; empty = unpruned), say so once
+    in the log, name the backend after the patch and count the tokens each answer kept."""
     import vlprune
 
-    if not patch.get("method"):
+    base = getattr(type(lm), "_vlprune_base", type(lm))
+    model = hf_model(lm)
+    if patch.get("method"):
+        kwargs = dict(patch)
+        lm.vlprune_handle = vlprune.patch(model, kwargs.pop("method"), **kwargs)
+        c = lm.vlprune_handle.config
+        logger.info(f"vlprune: {type(model).__name__} in {base.__name__} pruned by {describe(c)} "
+                    f"(every option: {', '.join(f'{k}={v}' for k, v in c.options.items()) or 'none'}; "
+                    f"positions={c.positions})")
+    else:
         lm.vlprune_handle = None
-        return None
-    kwargs = dict(patch)
-    lm.vlprune_handle = vlprune.patch(hf_model(lm), kwargs.pop("method"), **kwargs)
+        logger.info(f"vlprune: {type(model).__name__} in {base.__name__} runs unpruned (no method= given)")
+    _label(lm, describe(lm.vlprune_handle.config) if lm.vlprune_handle else "unpruned")
+    _count_kept(lm)
     return lm.vlprune_handle
+
+
+def describe(config) -> str:
+    """``fastervlm keep=64 layer=-3``: a patch's method, budget and the options that differ from the defaults."""
+    from vlprune.registry import get_method
+
+    defaults = {f.name: f.default for f in dataclasses.fields(get_method(config.method))}
+    words = [config.method] + [f"{k}={v}" for k, v in (("ratio", config.ratio), ("keep", config.keep)) if v is not None]
+    words += [f"{k}={v}" for k, v in config.options.items() if defaults.get(k, dataclasses.MISSING) != v]
+    if config.positions != "contiguous":
+        words.append(f"positions={config.positions}")
+    return " ".join(words)
+
+
+_LABELS: dict = {}
+
+
+def _label(lm, text: str) -> None:
+    """lmms-eval names the backend in results.json after the model object's class (``model_backend``), so the
+    patched object gets a subclass of its base named after the patch. The subclass defines nothing: the
+    object and its behaviour stay the base's."""
+    base = getattr(type(lm), "_vlprune_base", type(lm))
+    if (base, text) not in _LABELS:
+        name = f"{base.__name__}+vlprune({text})"
+        _LABELS[base, text] = type(base)(name, (base,), {"_vlprune_base": base, "__module__": base.__module__,
+                                                          "__qualname__": name, "__doc__": base.__doc__})
+    lm.__class__ = _LABELS[base, text]
+
+
+# -- visual tokens kept, per answer -------------------------------------------------------------------------
+KEPT = "visual_tokens_kept"
+
+
+@dataclasses.dataclass
+class KeptCounts(TokenCounts):
+    """lmms-eval's token counts of one request plus the visual tokens each of its images kept. The counts
+    are the one per-request field lmms-eval copies into a logged sample, so the kept counts travel in it."""
+
+    visual_tokens_kept: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), KEPT: self.visual_tokens_kept}
+
+
+def kept_of_sample(sample: dict) -> list[int] | None:
+    """The visual tokens kept per image of one logged sample (None: unpruned, or not a generate request)."""
+    for entry in sample.get("token_counts") or []:
+        if isinstance(entry, dict) and entry.get(KEPT) is not None:
+            return entry[KEPT]
+    return None
+
+
+class _Docs:
+    """``lm.task_dict`` as a base reads it (``task_dict[task][split][doc_id]``), telling ``seen`` each
+    (task, doc_id) it reads: a base reads a batch's docs in the order of the rows it then generates."""
+
+    def __init__(self, data, seen, path=()):
+        self._data, self._seen, self._path = data, seen, path
+
+    def __getitem__(self, key):
+        value = self._data[key]
+        if len(self._path) < 2:
+            return _Docs(value, self._seen, (*self._path, key))
+        self._seen((self._path[0], key))
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __iter__(self):
+        return iter(self._data)
+
+
+class _KeptTracker:
+    """Pairs each generated batch's image records (``handle.last``, rows in batch order) with the docs read
+    just before it. A batch whose generate failed leaves ``handle.last`` unchanged, so its docs are still
+    queued when the next batch is generated; only the last ``rows`` queued docs are paired with that batch,
+    and the failed batch's answers get no count rather than another batch's."""
+
+    def __init__(self, handle):
+        self.handle, self.pending, self.kept = handle, [], {}
+        self.seen_last = handle.last
+
+    def read(self, key) -> None:
+        self.flush()
+        self.pending.append(key)
+
+    def flush(self) -> None:
+        last = self.handle.last
+        if last is self.seen_last:
+            return
+        self.seen_last, rows = last, max((r.row for r in last), default=-1) + 1
+        batch, self.pending = (self.pending[len(self.pending) - rows:] if rows <= len(self.pending) else []), []
+        for row, key in enumerate(batch):
+            self.kept.setdefault(key, []).append([int(r.after) for r in last if r.row == row])
+
+    def take(self, key):
+        found = self.kept.get(key)
+        return found.pop(0) if found else None
+
+
+def _with_kept(output, kept):
+    text, counts = unwrap_generation_output(output)
+    if kept is None or not isinstance(text, str):
+        return output
+    fields = dataclasses.asdict(counts) if counts is not None else {}
+    return GenerationResult(text=text, token_counts=KeptCounts(**fields, visual_tokens_kept=kept))
+
+
+def _count_kept(lm) -> None:
+    """Give ``lm`` (once) an instance-level ``generate_until`` that returns each answer with the visual tokens
+    its images kept (read from the active handle; nothing is added when unpruned)."""
+    if "generate_until" in vars(lm):
+        return
+    generate = lm.generate_until
+
+    def generate_until(requests):
+        handle = getattr(lm, "vlprune_handle", None)
+        if handle is None or not requests:
+            return generate(requests)
+        tracker, docs = _KeptTracker(handle), lm.task_dict
+        lm.task_dict = {task: _Docs(data, tracker.read, (task,)) for task, data in docs.items()}
+        try:
+            outputs = generate(requests)
+        finally:
+            lm.task_dict = docs
+        tracker.flush()
+        return [_with_kept(out, tracker.take((req.task_name, req.doc_id))) for req, out in zip(requests, outputs)]
+
+    lm.generate_until = generate_until
 
 
 def build(arg: str | dict | None, additional_config: dict | None = None, simple: bool = False):
@@ -140,6 +290,11 @@ def build(arg: str | dict | None, additional_config: dict | None = None, simple:
         if cls.budgeted:
             Budget(ratio=patch.get("ratio"), keep=patch.get("keep"))
         cls.create(**{k: v for k, v in patch.items() if k not in PATCH_KEYS})
+    if "positions" in patch:
+        from vlprune.api import POSITIONS
+
+        if patch["positions"] not in POSITIONS:
+            raise VlpruneError(f"positions must be one of {', '.join(POSITIONS)}; got positions={patch['positions']!r}")
     klass = base_class(base, simple)
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
     _default_device(klass, base_args, extra)
@@ -186,10 +341,6 @@ def manifests():
     import sys
 
     from lmms_eval.models.registry_v2 import ModelManifest
-
-    from .compat import ensure_filelock_api
-
-    ensure_filelock_api()
 
     listing = sys.modules.get("lmms_eval.models")
     for table in ("AVAILABLE_SIMPLE_MODELS", "AVAILABLE_CHAT_TEMPLATE_MODELS"):

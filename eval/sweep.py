@@ -1,105 +1,35 @@
-"""``vlprune-eval``: accuracy and prefill latency of pruning methods x budgets, through lmms-eval.
+"""The engine of ``vlprune-eval`` (the command line is ``cli.py``): accuracy and prefill latency of pruning
+methods x budgets, through lmms-eval.
 
-    vlprune-eval                                   # offline: the embedded model on its own scenes task
-    vlprune-eval --model llava-hf/llava-1.5-7b-hf --methods fastervlm,hiprune --keep 192,128,64 \\
-                 --tasks gqa,pope --device cuda
-    vlprune-eval --recipe llava15-paper            # a paper's grid (eval/recipes/), numbers to compare
-
-The model is loaded once; every cell of the grid (the unpruned baseline once, then each method at each
-budget) patches it with ``vlprune.patch``, runs ``lmms_eval.evaluator.simple_evaluate`` on it, times the
-prefill of one captured evaluation input, and removes the patch. A finished cell is cached in
-``OUTPUT/runs/<cell>/cell.json`` (with lmms-eval's own results beside it), so an interrupted sweep
-resumes where it stopped; a cell that raises is recorded as failed with its error and the sweep goes on
-(it is retried on the next run). After every cell the tidy ``results.csv``/``results.jsonl``, the
-Markdown table ``results.md`` and the plots are rewritten from all finished cells.
+The model is loaded once; every cell of the grid (``cells.py``: the unpruned baseline once, then each method
+at each budget) patches it with ``vlprune.patch``, runs ``lmms_eval.evaluator.simple_evaluate`` on it, times
+the prefill of one captured evaluation input, and removes the patch. A finished cell is cached in
+``OUTPUT/runs/<cell>/cell.json`` (with lmms-eval's own results and, with ``log_samples``, its per-sample
+answers beside it), so an interrupted sweep resumes where it stopped; a cell that raises is recorded as
+failed with its error and the sweep goes on (it is retried on the next run). After every cell the tidy
+``results.csv``/``results.jsonl``, the Markdown table ``results.md`` and the plots are rewritten from all
+finished cells (``report.py``).
 """
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
+import math
 import os
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlprune.errors import VlpruneError
+from .cells import Cell, read_record, reuse_problem
+from .report import OBJECTS_TASK, PRIMARY, write_all
 
 EMBEDDED = "embedded"
 SCENES_TASK = "vlprune_scenes"
-OBJECTS_TASK = "scenes_objects"  # the model-free "objects kept" metric's pseudo task
 DEFAULTS = dict(model=EMBEDDED, methods="fastervlm,hiprune,pool,random", ratios="0.75,0.889",
-                tasks=SCENES_TASK, limit=60, output="vlprune-eval-results")
-#: the metric a task's column shows in the Markdown table and the plots (others are in the CSV)
-PRIMARY = {SCENES_TASK: "accuracy", "pope": "pope_accuracy", "mme": "mme_perception_score",
-           "gqa": "exact_match", "textvqa_val": "exact_match", "vqav2_val": "exact_match",
-           "scienceqa_img": "exact_match", "mmbench_en_dev": "gpt_eval_score", OBJECTS_TASK: "objects_kept"}
-AUTO_BASE = {"llava": "llava_hf", "llava_next": "llava_hf", "llava_onevision": "llava_onevision",
-             "qwen2_5_vl": "qwen2_5_vl"}
-
-
-# -- the grid -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    """One run: ``method=None`` is the unpruned baseline; budgeted methods carry a ratio or a keep."""
-
-    method: str | None = None
-    ratio: float | None = None
-    keep: int | None = None
-
-    @property
-    def key(self) -> str:
-        if self.method is None:
-            return "unpruned"
-        if self.ratio is not None:
-            return f"{self.method}-ratio{self.ratio:g}"
-        return f"{self.method}-keep{self.keep}" if self.keep is not None else f"{self.method}-own"
-
-    @property
-    def budget(self) -> str:
-        if self.method is None:
-            return "unpruned"
-        if self.ratio is not None:
-            return f"ratio {self.ratio:g}"
-        return f"keep {self.keep}" if self.keep is not None else "own"
-
-    def patch_kwargs(self) -> dict:
-        kw = {"method": self.method} if self.method else {}
-        kw.update({k: v for k, v in (("ratio", self.ratio), ("keep", self.keep)) if v is not None})
-        return kw
-
-
-def _numbers(text: str | None, kind, name: str) -> list:
-    if not text:
-        return []
-    try:
-        return [kind(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise VlpruneError(f"--{name} takes comma-separated {kind.__name__}s, e.g. "
-                           f"{'0,0.75,0.889' if kind is float else '192,128,64'}; got {text!r}") from None
-
-
-def grid(methods: list[str], ratios: list[float] = (), keeps: list[int] = ()) -> list[Cell]:
-    """The unpruned baseline, then every method at every budget (ratio 0 is the baseline itself, so it is
-    not repeated per method; a method that decides its own budget runs once)."""
-    from vlprune.budget import Budget
-    from vlprune.registry import get_method
-
-    if ratios and keeps:
-        raise VlpruneError("give --ratios or --keep, not both (ratio = fraction of visual tokens removed, "
-                           "keep = visual tokens kept per image)")
-    budgets = [Budget(ratio=r) for r in ratios if r != 0] + [Budget(keep=k) for k in keeps]
-    cells = [Cell()]
-    for name in methods:
-        cls = get_method(name)  # unknown name -> error with the nearest registered name
-        if not cls.budgeted:
-            cells.append(Cell(name))
-            continue
-        cells += [Cell(name, b.ratio, b.keep) for b in budgets]
-    return cells
+                tasks=SCENES_TASK, limit=60, output="vlprune-eval-results", bootstrap_iters=1000)
+__all__ = ["Config", "Sweep", "Probe", "summary_of", "model_weights", "EMBEDDED", "SCENES_TASK",
+           "OBJECTS_TASK", "PRIMARY", "DEFAULTS"]
 
 
 # -- measuring inside a cell ---------------------------------------------------------------------------
@@ -174,18 +104,32 @@ class Probe:
         return round(statistics.median(times), 2), kept
 
 
-def metrics_of(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lmms-eval's results (numbers only; stderr and aliases dropped; a
-    filter other than ``none`` stays in the metric name)."""
-    out: dict[str, dict[str, float]] = {}
+def summary_of(results: dict) -> dict:
+    """``{"metrics": {task: {metric: value}}, "stderr": {task: {metric: s.e.}}, "n": {task: items}}`` from
+    lmms-eval's results. The standard error is lmms-eval's own ``<metric>_stderr`` (analytic for a mean,
+    bootstrapped for f1, median ...; "N/A" where it has none, then left out); a filter other than ``none``
+    stays in the metric name; aliases, booleans and NaN are dropped."""
+    metrics: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
+    sizes: dict[str, int] = {}
     for task, entries in (results.get("results") or {}).items():
         for key, value in entries.items():
-            if "," not in key or "_stderr" in key or isinstance(value, bool):
+            if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 continue
             metric, filt = key.split(",", 1)
-            if isinstance(value, (int, float)) and value == value:
-                out.setdefault(task, {})[metric if filt == "none" else f"{metric},{filt}"] = float(value)
-    return out
+            suffix = "" if filt == "none" else f",{filt}"
+            if metric.endswith("_stderr"):
+                stderr.setdefault(task, {})[metric[:-len("_stderr")] + suffix] = float(value)
+            elif "_stderr" not in metric:  # _stderr_clt, _stderr_clustered: other estimators, not used
+                metrics.setdefault(task, {})[metric + suffix] = float(value)
+        counted = (results.get("n-samples") or {}).get(task, {})
+        n = entries.get("samples", counted.get("effective"))
+        if isinstance(n, float) and 0 < n < 1 and isinstance(counted.get("original"), int):
+            n = math.ceil(counted["original"] * n)  # a fractional --limit: lmms-eval runs ceil(fraction x docs)
+        if isinstance(n, int) and not isinstance(n, bool):
+            sizes[task] = n
+    stderr = {t: {m: s for m, s in v.items() if m in metrics.get(t, {})} for t, v in stderr.items()}
+    return {"metrics": metrics, "stderr": {t: v for t, v in stderr.items() if v}, "n": sizes}
 
 
 # -- the sweep ------------------------------------------------------------------------------------------
@@ -200,12 +144,15 @@ class Config:
     device: str = "cpu"
     include_path: list[str] = field(default_factory=list)
     objects: int = 0  # scenes for the model-free objects-kept metric (embedded model only)
-    method_options: dict = field(default_factory=dict)  # {method: {option: value}}
     weights: str = ""  # model_weights(model): retrained weights under the same name are another model
+    bootstrap_iters: int = DEFAULTS["bootstrap_iters"]  # lmms-eval's; 0 = no standard errors
+    log_samples: bool = False  # keep every answer (runs/<cell>/samples_<task>.jsonl)
 
     def fingerprint(self) -> dict:
-        """What makes two cells comparable (batch size and device change timings, not answers)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "device", "include_path")}
+        """What makes two cells comparable (batch size and device change timings, not answers; logging the
+        samples adds a file, checked on its own)."""
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("batch_size", "device", "include_path", "log_samples")}
         keep["tasks"] = sorted(keep["tasks"])
         return keep
 
@@ -259,31 +206,37 @@ class Sweep:
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "runs" / cell.key
 
-    def load_cached(self, cell: Cell) -> dict | None:
+    def load_cached(self, cell: Cell, say=lambda _m: None) -> dict | None:
+        """The finished record of ``cell`` under this configuration, or None. ``say`` hears why a cell.json
+        that is there is not used: a malformed one (not JSON, not an object, no metrics) as a warning, since
+        it is recomputed rather than trusted; a failed, other or differently configured one as a note."""
         path = self.cell_dir(cell) / "cell.json"
-        if not path.is_file():
+        record, problem = read_record(path)
+        if problem:
+            say(f"warning: {path} {problem}; recomputing that cell")
             return None
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        if record is None:
             return None
-        ok = record.get("status") == "ok" and record.get("config") == self.config.fingerprint()
-        return record if ok else None
+        problem = reuse_problem(record, cell, self.config.fingerprint(), self.config.log_samples)
+        if problem:
+            say(f"{cell.key}: the cached cell {problem}")
+            return None
+        return record
 
     def run(self, cells: list[Cell]) -> list[dict]:
         """Every cell, cached ones read back; returns the cell records in grid order."""
         records, started = [], time.time()
-        todo = [c for c in cells if self.load_cached(c) is None]
+        cached = {c.key: self.load_cached(c, self.log) for c in cells}  # read (and warned about) once
+        todo = [c for c in cells if cached[c.key] is None]
         done_before = len(cells) - len(todo)
         if done_before:
             self.log(f"resuming: {done_before} of {len(cells)} cells already finished in {self.out / 'runs'}")
         ran = 0
         for i, cell in enumerate(cells, 1):
-            cached = self.load_cached(cell)
-            if cached is not None:
+            if cached[cell.key] is not None:
                 self.cached.append(cell.key)
                 self.log(f"[{i}/{len(cells)}] {cell.key}: cached")
-                records.append(cached)
+                records.append(cached[cell.key])
                 continue
             eta = ""
             if ran:
@@ -299,16 +252,14 @@ class Sweep:
             else:
                 self.failed.append(cell.key)
                 self.log(f"[{i}/{len(cells)}] {cell.key}: FAILED ({record['error'].splitlines()[0][:200]})")
-            from .report import write_all
-
-            write_all(self.out, records + [r for c in cells[i:] if (r := self.load_cached(c))], self.config.model)
+            write_all(self.out, records + [r for c in cells[i:] if (r := cached[c.key])], self.config.model)
         return records
 
     def run_cell(self, cell: Cell) -> dict:
         t = time.time()
         d = self.cell_dir(cell)
         d.mkdir(parents=True, exist_ok=True)
-        record = {"cell": asdict(cell), "key": cell.key, "budget": cell.budget, "model": self.config.model,
+        record = {"cell": cell.to_dict(), "key": cell.key, "budget": cell.budget, "model": self.config.model,
                   "config": self.config.fingerprint()}
         try:
             record.update(self.evaluate(cell, d))
@@ -351,10 +302,8 @@ class Sweep:
     def _evaluate(self, cell: Cell, d: Path) -> dict:
         from lmms_eval.evaluator import simple_evaluate
 
-        from .compat import ensure_filelock_api
         from .plugin import apply_patch, hf_model
 
-        ensure_filelock_api()
         import torch
 
         lm = self.lm()
@@ -363,14 +312,13 @@ class Sweep:
         modules = {k: v for k, v in vars(lm).items() if isinstance(v, torch.nn.Module)}
         model = hf_model(lm)
         kwargs = cell.patch_kwargs()
-        if cell.method:
-            kwargs.update(self.config.method_options.get(cell.method, {}))
         handle = apply_patch(lm, kwargs)
         probe = Probe(model)
         try:
             results = simple_evaluate(model=lm, tasks=list(self.config.tasks), limit=self.config.limit,
                                       batch_size=self.config.batch_size, task_manager=self.task_manager(),
-                                      bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+                                      bootstrap_iters=self.config.bootstrap_iters,
+                                      log_samples=self.config.log_samples, verbosity="WARNING")
             if probe.errors:
                 raise RuntimeError(f"{len(probe.errors)} of {probe.calls} generate() calls raised; first: "
                                    f"{probe.errors[0]}")
@@ -383,12 +331,15 @@ class Sweep:
             for name, module in modules.items():
                 setattr(lm, name, module)
         (d / "lmms_eval_results.json").write_text(json.dumps(_jsonable(results), indent=1, default=str) + "\n")
-        metrics = metrics_of(results or {})
-        if not metrics:
+        out = summary_of(results or {})
+        if not out["metrics"]:
             raise RuntimeError("lmms-eval returned no metrics (every task failed or was empty)")
-        out = {"metrics": metrics, "prefill_ms": prefill_ms, "kept_tokens": kept, "patch": options}
+        out.update(prefill_ms=prefill_ms, kept_tokens=kept, patch=options)
+        if self.config.log_samples:
+            out["samples"] = write_samples(d, (results or {}).get("samples") or {})
         if self.config.objects and self.config.model == EMBEDDED:
             out["metrics"][OBJECTS_TASK] = {"objects_kept": self._objects_kept(model, cell, kwargs)}
+            out["n"][OBJECTS_TASK] = self.config.objects
         return out
 
     def _objects_kept(self, model, cell: Cell, kwargs: dict) -> float:
@@ -409,12 +360,29 @@ def _summary(record: dict) -> str:
     parts = []
     for task, metrics in record.get("metrics", {}).items():
         metric = PRIMARY.get(task) if PRIMARY.get(task) in metrics else next(iter(metrics))
-        parts.append(f"{task} {metric}={metrics[metric]:.4g}")
+        se = (record.get("stderr") or {}).get(task, {}).get(metric)
+        parts.append(f"{task} {metric}={metrics[metric]:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
     if record.get("prefill_ms") is not None:
         parts.append(f"prefill {record['prefill_ms']:.1f} ms")
     if record.get("kept_tokens") is not None:
         parts.append(f"{record['kept_tokens']:g} visual tokens")
     return ", ".join(parts)
+
+
+def write_samples(folder: Path, samples: dict) -> dict[str, str]:
+    """``samples_<task>.jsonl`` in the cell's folder: lmms-eval's logged samples (answer, target, scores,
+    token counts), each with ``visual_tokens_kept`` (per image; null for the unpruned model, which keeps
+    them all) lifted out of the counts the plugin adds. Returns {task: file name}."""
+    from .plugin import kept_of_sample
+
+    files = {}
+    for task, items in samples.items():
+        name = f"samples_{task}.jsonl"
+        with open(folder / name, "w") as f:
+            for sample in items:
+                f.write(json.dumps({**sample, "visual_tokens_kept": kept_of_sample(sample)}, default=str) + "\n")
+        files[task] = name
+    return files
 
 
 def _jsonable(results):
@@ -437,204 +405,3 @@ def _task_dir() -> str:
     return task_dir()
 
 
-# -- offline checks --------------------------------------------------------------------------------------
-def check_model(model: str, allow_download: bool) -> None:
-    """A model that is neither a local folder nor in the Hugging Face cache: say what to download and where."""
-    if model == EMBEDDED or Path(model).expanduser().is_dir() or allow_download:
-        return
-    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
-        raise VlpruneError(f"--model {model!r}: no such checkpoint folder (expected a folder with config.json)")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(model, "config.json"), str):
-            return
-    except Exception:
-        pass
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    raise VlpruneError(
-        f"--model {model!r} is not a local folder and is not in the Hugging Face cache ({HF_HUB_CACHE}). "
-        f"Download it on a machine with internet, `hf download {model}` (or `huggingface-cli download {model}`), "
-        f"and copy that cache folder here (or set HF_HOME to it), or pass --model /path/to/checkpoint; "
-        f"--download lets this run fetch it itself.")
-
-
-def check_tasks(tm, tasks: list[str], allow_download: bool) -> None:
-    """Unknown task names, and datasets that cannot be loaded offline, as one clear message each."""
-    from lmms_eval.tasks import get_task_dict
-
-    unknown = [t for t in tasks if not tm.match_tasks([t])]
-    if unknown:
-        hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
-        raise VlpruneError("unknown task(s): " + "; ".join(
-            f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
-            + ". `lmms-eval tasks list` shows them all; --include-path adds a folder of task yamls")
-    for task in tasks:
-        try:
-            get_task_dict([task], tm)
-        except Exception as exc:
-            where = _dataset_of(tm, task)
-            hint = (f"Download the dataset {where!r} on a machine with internet "
-                    f"(`hf download --repo-type dataset {where}`) and copy the Hugging Face cache "
-                    f"(~/.cache/huggingface, or HF_HOME) here, then run again"
-                    if where else "Check the task's dataset_path in its yaml")
-            mode = "" if allow_download else " (offline: HF_HUB_OFFLINE=1; --download allows fetching)"
-            raise VlpruneError(f"task {task!r} cannot load its data{mode}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:300]}. {hint}.") from exc
-
-
-def _dataset_of(tm, task: str) -> str | None:
-    try:
-        from lmms_eval.utils import load_yaml_config
-
-        info = tm.task_index.get(task) or {}
-        path = info.get("yaml_path")
-        return load_yaml_config(path, mode="simple").get("dataset_path") if path else None
-    except Exception:
-        return None
-
-
-# -- recipes and the command line --------------------------------------------------------------------------
-def recipe_dir() -> Path:
-    return Path(__file__).resolve().parent / "recipes"
-
-
-def load_recipe(name: str) -> dict:
-    """``eval/recipes/NAME.yaml`` (or a path to a yaml file)."""
-    import yaml
-
-    path = Path(name)
-    if not path.is_file():
-        path = recipe_dir() / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
-        raise VlpruneError(f"unknown --recipe {name!r}; shipped recipes: {', '.join(names)} (or a path to a yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
-    data["_path"] = str(path)
-    return data
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vlprune-eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", help="a shipped grid (eval/recipes/NAME.yaml) or a yaml path; flags override it")
-    ap.add_argument("--model", help=f"'{EMBEDDED}' (default: vlprune's offline model), a checkpoint folder or a "
-                                    "Hugging Face id already in the local cache")
-    ap.add_argument("--base", help="the lmms-eval model that runs it (default: from the checkpoint's model_type: "
-                                   + ", ".join(f"{k}->{v}" for k, v in AUTO_BASE.items()) + ")")
-    ap.add_argument("--model-args", default=None, help="more lmms-eval model_args for the base, e.g. dtype=float16")
-    ap.add_argument("--methods", help=f"comma-separated (default {DEFAULTS['methods']}); vlprune.methods() lists them")
-    ap.add_argument("--ratios", help="reduction ratios, e.g. 0,0.5,0.75,0.889 (0 = the unpruned baseline)")
-    ap.add_argument("--keep", help="visual tokens kept per image, e.g. 192,128,64 (instead of --ratios)")
-    ap.add_argument("--tasks", help=f"lmms-eval task names (default {SCENES_TASK}, vlprune's offline task)")
-    ap.add_argument("--limit", type=float, help="items per task (default: all; the offline default uses "
-                                                f"{DEFAULTS['limit']})")
-    ap.add_argument("--output", help=f"results folder (default ./{DEFAULTS['output']}); rerun to resume")
-    ap.add_argument("--batch-size", type=int, default=None, help="requests per generate (base-dependent; "
-                                                                "llava_hf supports 1)")
-    ap.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
-    ap.add_argument("--include-path", action="append", default=[], help="extra folder of lmms-eval task yamls")
-    ap.add_argument("--objects", type=int, default=None,
-                    help="embedded model: scenes for the model-free 'objects kept' metric (default: = --limit)")
-    ap.add_argument("--download", action="store_true",
-                    help="allow downloading models/datasets (default: offline, HF_HUB_OFFLINE=1)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    return ap
-
-
-def resolve(args: argparse.Namespace) -> tuple[Config, list[Cell], Path, dict]:
-    """Recipe, flags and defaults merged into (config, cells, output folder, recipe)."""
-    recipe = load_recipe(args.recipe) if args.recipe else {}
-
-    def pick(name, default=None):
-        value = getattr(args, name.replace("-", "_"), None)
-        if value not in (None, [], ""):
-            return value
-        if name in recipe:
-            v = recipe[name]
-            return ",".join(map(str, v)) if isinstance(v, list) and name in ("methods", "ratios", "keep", "tasks") else v
-        return default
-
-    offline_default = not args.recipe and not args.model and not args.tasks
-    model = str(pick("model", EMBEDDED))
-    methods = [m for m in str(pick("methods", DEFAULTS["methods"])).split(",") if m]
-    keeps = _numbers(pick("keep"), int, "keep")
-    ratios = _numbers(pick("ratios", None if keeps else DEFAULTS["ratios"]), float, "ratios")
-    tasks = [t for t in str(pick("tasks", SCENES_TASK)).split(",") if t]
-    limit = pick("limit", DEFAULTS["limit"] if offline_default else None)
-    base = pick("base") or (EMBEDDED if model == EMBEDDED else _auto_base(model))
-    device = pick("device", "cpu")
-    objects = args.objects if args.objects is not None else (int(limit) if limit and limit >= 1 else 100)
-    config = Config(model=model, base=base, model_args=str(pick("model-args", "") or ""), tasks=tasks,
-                    limit=limit, batch_size=int(pick("batch-size", 8 if model == EMBEDDED else 1)), device=device,
-                    include_path=list(args.include_path or []) + list(recipe.get("include_path", [])),
-                    objects=objects if model == EMBEDDED and SCENES_TASK in tasks else 0,
-                    method_options=dict(recipe.get("method_options", {})), weights=model_weights(model))
-    out = Path(pick("output", DEFAULTS["output"] if not args.recipe else f"{DEFAULTS['output']}/{recipe.get('name', args.recipe)}"))
-    return config, grid(methods, ratios, keeps), out, recipe
-
-
-def _auto_base(model: str) -> str:
-    try:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(model).model_type
-    except Exception:
-        return "llava_hf"
-    return AUTO_BASE.get(model_type, "llava_hf")
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if not args.download:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    try:
-        config, cells, out, recipe = resolve(args)
-        check_model(config.model, args.download)
-        out.mkdir(parents=True, exist_ok=True)
-        sweep = Sweep(config, out, log=lambda m: print(m, flush=True))
-        _quiet_libraries()
-        print(f"vlprune-eval: {config.model} x {len(cells) - 1} pruned settings + unpruned on "
-              f"{', '.join(config.tasks)}" + (f" (limit {config.limit:g})" if config.limit else "") + f" -> {out}",
-              flush=True)
-        check_tasks(sweep.task_manager(), config.tasks, args.download)
-        records = sweep.run(cells)
-    except VlpruneError as exc:
-        print(f"vlprune-eval: error: {exc}", file=sys.stderr)
-        return 2
-    from .report import write_all
-
-    paths = write_all(out, records, config.model)
-    print(f"\n{len(sweep.computed)} cells run, {len(sweep.cached)} cached, {len(sweep.failed)} failed "
-          f"in {time.time() - t0:.0f} s")
-    for p in paths:
-        print(f"  {p}")
-    print("\n" + (out / "results.md").read_text())
-    if recipe.get("reported"):
-        print(f"published numbers to compare with: {Path(recipe['_path']).with_suffix('.md')}")
-    return 1 if sweep.failed else 0
-
-
-def _quiet_libraries():
-    """lmms-eval logs at INFO to stdout and datasets draws bars for every load: keep the sweep readable."""
-    try:
-        import datasets
-
-        datasets.disable_progress_bar()
-        from loguru import logger
-
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except Exception:
-        pass
-
-
-if __name__ == "__main__":
-    sys.exit(main())

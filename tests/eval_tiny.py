@@ -43,7 +43,7 @@ def write_task(folder: Path, n: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "items.jsonl", "w") as f:
         for it in scenes.test_items(n):
-            f.write(json.dumps({k: it[k] for k in ("index", "qtype", "question", "answer")}) + "\n")
+            f.write(json.dumps({k: it[k] for k in ("index", "scene", "qtype", "question", "answer") if k in it}) + "\n")
     (folder / f"{TASK}.yaml").write_text(f"""task: {TASK}
 dataset_path: json
 dataset_kwargs:

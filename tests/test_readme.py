@@ -265,9 +265,9 @@ def _substitute(command: str) -> str:
 def _check(command: str, monkeypatch) -> str:
     """Check one command; returns how (for the test's report)."""
     from vlprune.embedded import evaluate as emb_evaluate
-    from vlprune.eval import bench, demo, sweep
+    from vlprune.eval import bench, cli, demo
 
-    clis = {"vlprune-eval": sweep.main, "vlprune-bench": bench.main, "vlprune-demo": demo.main,
+    clis = {"vlprune-eval": cli.main, "vlprune-bench": bench.main, "vlprune-demo": demo.main,
             "vlprune-example": example.main, "vlprune.embedded.evaluate": emb_evaluate.main}
     hows = []
     for step in (s.strip() for s in command.split("&&")):
@@ -309,3 +309,27 @@ def test_every_command_on_the_pages_is_checked(monkeypatch):
     assert len(commands) >= 20
     report = [f"{page.name}: {command} -> {_check(command, monkeypatch)}" for page, command in commands]
     assert all("->" in line for line in report)
+
+
+def offline_commands() -> list[str]:
+    """The README's evaluation commands that need no hub and no GPU: the quick start's main job and the
+    offline lines of the Evaluation section."""
+    main_job = quick_start_lines()[0].split("&&")[-1].strip().removeprefix(".venv/bin/")
+    lines = [c for page, c in shell_commands() if page.name == "README.md"
+             and c.split()[0] in ("vlprune-eval", "lmms-eval") and not re.search(r"--model \S+/|cuda|--recipe", c)]
+    return [main_job, *lines]
+
+
+@pytest.mark.parametrize("command", offline_commands())
+def test_the_readmes_offline_commands_run_as_written(command, tmp_path):
+    """Each runs in a fresh folder with this venv's tools first on PATH, as a user's shell would."""
+    pytest.importorskip("onnx")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if command.startswith("vlprune-eval"):
+        out = re.search(r"--output (\S+)", command)
+        table = (tmp_path / (out.group(1) if out else "vlprune-eval-results") / "results.md").read_text()
+        assert "| unpruned |" in table and re.search(r"\| (fastervlm|hiprune) \|", table), table
+    else:
+        assert re.search(r"vlprune_scenes\s*\|.*accuracy", done.stdout + done.stderr), done.stdout[-3000:]
