@@ -9,22 +9,29 @@ the same way. Survivors keep their original positions. Later layers fill their K
 short sequence; during decoding the same hooks cut the mask's columns to match, keyed by the cache
 object, so ``generate`` with a cache, batches with left padding and uncached generation agree.
 
-Rows of a batch must keep equally many positions. A subclass with ``ragged = True`` lets them differ:
-a shorter row also keeps some of its dropped positions as fillers that no other position may attend
-to (their key columns are masked at every later layer and decode step), so rows share one length.
+A family only says where each image is (:class:`LLMImage`: its visual tokens' places in the sequence,
+the grid the method sees, its k, and how to record it); the choice is made here, once for every family,
+in one batched ``select`` per group of images of the same size, grid and k.
+
+Rows of a batch must keep equally many positions. With ``ragged=True`` they may differ: a shorter row
+also keeps some of its dropped positions as fillers that no other position may attend to (their key
+columns are masked at every later layer and decode step), so rows share one length.
 """
 from __future__ import annotations
 
 import functools
 import sys
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
-from vlprune.builtin_methods.base import Context, Selection, Signal
-from vlprune.sequence import is_right_padded, keep_mask
+from vlprune.builtin_methods.base import Context, Signal
+from vlprune.patcher import ImageRecord
+from vlprune.sequence import is_right_padded
 
 
 def gather_seq(t: torch.Tensor, cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -57,6 +64,27 @@ def _hide(mask, filler, q_len: int, kv: int):
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
+@dataclass(frozen=True)
+class LLMImage:
+    """One image in the LM sequence, as its family lays it out."""
+
+    row: int  # batch row
+    places: torch.Tensor  # (N, 2): (row, column) of its N visual tokens in the sequence, in the method's order
+    grid: tuple[int, int]  # the grid the method sees the N tokens as
+    k: int  # tokens it keeps (0: all leave; >= N: all stay)
+    record: Callable | None = None  # (kept, scores) -> its ImageRecord; default: a plain ImageRecord
+    companions: Callable | None = None  # kept -> (M, 2) places that stay with them (NeXT: row newlines)
+
+    def recorded(self, kept: torch.Tensor, scores: torch.Tensor | None = None) -> ImageRecord:
+        if self.record is not None:
+            return self.record(kept, scores)
+        return ImageRecord(row=self.row, before=len(self.places), after=len(kept), kept=kept, scores=scores)
+
+    def untouched(self) -> ImageRecord:
+        """Its record while every token is still in (before the drop, or when nothing drops)."""
+        return self.recorded(torch.arange(len(self.places), device=self.places.device))
+
+
 class LLMPruning:
     """Drop image tokens at decoder layer K = ``method.llm_layer(depth)``.
 
@@ -65,9 +93,8 @@ class LLMPruning:
     threshold in every row of the batch.
     """
 
-    ragged = False  # True: rows may keep different counts (masked fillers even them out)
-
-    def __init__(self, patcher, layers, method):
+    def __init__(self, patcher, layers, method, ragged: bool = False):
+        self.ragged = ragged  # rows may keep different counts (masked fillers even them out)
         n = len(layers)
         k_layer = method.llm_layer(n)
         if not isinstance(k_layer, int) or not 1 <= k_layer < n:
@@ -90,27 +117,24 @@ class LLMPruning:
             ledger.hook(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
 
     # -- per call ---------------------------------------------------------------------------------
-    def begin(self, image_mask, blocks, rows, anchor, n, k):
-        self.pending = {"image_mask": image_mask, "blocks": blocks, "rows": rows, "anchor": anchor,
-                        "n": n, "k": k, "cols": None, "exit": None}
+    def begin(self, image_mask, images: list[LLMImage], anchor):
+        self.pending = {"image_mask": image_mask, "images": images, "anchor": anchor, "cols": None, "exit": None}
 
     def end(self):
         self.pending = None
 
-    def run(self, original, kw, image_mask, blocks, rows, n, k, prompt_len=None, **extra):
-        """The LM call ``original(**kw)`` with the drop armed (``n``/``k`` and ``extra`` go to ``pending``
-        as they are). The query row is each sequence's last prompt token: inside generate() without a
-        cache the sequence grows, but the prompt (and so the choice) stays the same. ``labels`` are
-        taken out and the loss recomputed over the positions that reached the head (fillers count for
-        none)."""
+    def run(self, original, kw, image_mask, images: list[LLMImage], prompt_len=None):
+        """The LM call ``original(**kw)`` with the drop armed. The query row is each sequence's last prompt
+        token: inside generate() without a cache the sequence grows, but the prompt (and so the choice)
+        stays the same. ``labels`` are taken out and the loss recomputed over the positions that reached
+        the head (fillers count for none)."""
         mask = kw.get("attention_mask")
         length = image_mask.shape[1] if prompt_len is None else prompt_len
         anchor = torch.full((image_mask.shape[0],), length - 1, device=image_mask.device)
         if mask is not None and mask.dim() == 2:  # right-padded rows end earlier
             anchor = torch.where(is_right_padded(mask), mask[:, :length].long().sum(1) - 1, anchor)
         labels = kw.pop("labels", None)
-        self.begin(image_mask, blocks, rows, anchor, n, k)
-        self.pending.update(extra)
+        self.begin(image_mask, images, anchor)
         try:
             out = original(**kw)
             cols, filler = self.pending["cols"], self.pending.get("filler")
@@ -184,22 +208,36 @@ class LLMPruning:
         return p["cols"]
 
     def _choose(self, hidden, attention):
-        """The method's choice: (keep mask (B, L) of text and surviving image positions, image records)."""
+        """The method's choice: (keep mask (B, L) of text and surviving image positions, image records).
+        Images of one size, grid and k are chosen in one batched ``select``."""
         p = self.pending
-        blocks = p["blocks"]
-        pos = torch.stack(blocks)  # (I, N, 2): (row, column) of each image's placeholders
-        scores = attention[pos[..., 0], :, pos[..., 1]].transpose(1, 2)  # (I, H, N)
-        tokens = hidden[pos[..., 0], pos[..., 1]]  # (I, N, D)
-        sig = Signal("last_attention", self.k_layer - 1)  # fixed-layer methods read layer K-1
-        method = self.method
-        k = p["k"]
-        if k == 0:
-            sel = Selection(torch.zeros(len(blocks), 0, dtype=torch.long, device=hidden.device))
-        else:
-            sel = method.select(tokens, k, Context(grid=self.patcher.grid, signals={sig: scores}))
-            sel.indices = sel.indices.sort(dim=1).values
-        keep = keep_mask(p["image_mask"], blocks, list(sel.indices))
-        return keep, self.patcher.records(p["rows"], p["n"], k, sel)
+        images, keep = p["images"], ~p["image_mask"]
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault((len(image.places), image.grid, image.k), []).append(i)
+        records = [None] * len(images)
+        for (n, grid, k), members in groups.items():
+            places = torch.stack([images[i].places for i in members])  # (I, N, 2)
+            kept, scores = self._select_places(hidden, attention, places, grid, k)
+            chosen = places.gather(1, kept.unsqueeze(-1).expand(-1, -1, 2))
+            keep[chosen[..., 0], chosen[..., 1]] = True
+            for j, i in enumerate(members):
+                if images[i].companions is not None:
+                    extra = images[i].companions(kept[j])
+                    keep[extra[:, 0], extra[:, 1]] = True
+                records[i] = images[i].recorded(kept[j], None if scores is None else scores[j])
+        return keep, records
+
+    def _select_places(self, hidden, attention, places, grid, k):
+        """(kept indices (I, k') ascending, scores or None) of I images whose tokens sit at ``places``."""
+        n = places.shape[1]
+        if k == 0 or k >= n:
+            every = torch.arange(n if k else 0, device=hidden.device)
+            return every.expand(places.shape[0], -1), None
+        rows, cols = places[..., 0], places[..., 1]
+        signal = {Signal("last_attention", self.k_layer - 1): attention[rows, :, cols].transpose(1, 2)}  # (I, H, N)
+        sel = self.method.select(hidden[rows, cols], k, Context(grid=grid, signals=signal))
+        return sel.indices.sort(dim=1).values, sel.scores
 
     def _exit_now(self) -> bool:
         """Fixed layer: always. Threshold: the image's share of the anchor's attention fell below it."""

@@ -28,27 +28,22 @@ from vlprune.registry import register_patcher
 from vlprune.select import gather_tokens, grid_shape
 from vlprune.sequence import (
     block_rows,
-    compact,
-    is_right_padded,
     keep_mask,
     padding_mask,
     placeholder_positions,
     real_tokens,
-    with_caller_prompt,
 )
 
+from ._call import free_pad_id, generate_short, shorten
 from ._clip import ClipTaps, encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
-from ._llm import LLMPruning
+from ._llm import LLMImage, LLMPruning
 from ._wrap import wrap_method
-
-SEQUENCE_PADS = {"input_ids": None, "inputs_embeds": 0.0, "attention_mask": 0, "labels": -100, "position_ids": 0}
-
 
 @register_patcher("LlavaForConditionalGeneration")
 class LlavaHF(Patcher):
     provides = EVERYTHING  # decoding: contrastive decoding in generate(), see _contrast_session and patches/_contrast.py
-    llm_pruning = LLMPruning  # the stage-"llm" helper (a subclass may lay image tokens out differently)
+    ragged_llm = False  # stage "llm": rows of a batch may keep different counts (see patches/_llm.py)
 
     def install(self):
         model = self.model
@@ -68,7 +63,7 @@ class LlavaHF(Patcher):
         if decoder is not None and decoder.active:  # its own [CLS] taps, live only in its own tower pass
             self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
         if method.stage == "llm":  # the vision side runs unchanged; see patches/_llm.py
-            self.llm = self.llm_pruning(self, self.inner.language_model.layers, method)
+            self.llm = LLMPruning(self, self.inner.language_model.layers, method, self.ragged_llm)
             wrap_method(self, model, "forward", self._forward)
             wrap_method(self, model, "generate", self._generate)
             return
@@ -235,19 +230,9 @@ class LlavaHF(Patcher):
             pos = pos - (~keep).long().cumsum(1)  # close the gaps the dropped tokens leave
         kw["position_ids"] = pos
 
-        length = keep.shape[1]
-        pad_id = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
-        if pad_id == cfg.image_token_id:
-            pad_id = 0 if cfg.image_token_id != 0 else 1
-        pads = dict(SEQUENCE_PADS, input_ids=pad_id)
-        # the mask always takes part: re-padded rows need one even when the caller passed none
-        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw or name == "attention_mask"}
-        for name, value in kw.items():  # any other per-position tensor (token types, ...)
-            if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
-                tensors[name] = (value, 0)
-        kw.update(compact(keep, tensors, is_right_padded(mask)))
+        kw, _ = shorten(kw, keep, free_pad_id(cfg.text_config.pad_token_id, {cfg.image_token_id}))
         new_len = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
-        return kw, length - new_len
+        return kw, keep.shape[1] - new_len
 
     def _encode(self, pixel_values, layer, strategy, n, k):
         """Vision tower + selection + projector, on the whole batch (in-encoder methods whose images keep
@@ -292,13 +277,12 @@ class LlavaHF(Patcher):
             raise VlpruneError(
                 f"image features and placeholders do not match: {self._image_count(kw)} images given, "
                 f"placeholders for {len(blocks)} images of {n} tokens each in the prompt")
-        rows = block_rows(blocks)
         k = self.keep_count(n)
-        full = torch.arange(n, device=image_mask.device)
-        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]  # until a drop
+        images = [LLMImage(r, block, self.grid, k) for r, block in zip(block_rows(blocks), blocks)]
+        self.handle.last = [image.untouched() for image in images]  # until a drop
         if k >= n:
             return original(**kw)
-        return self.llm.run(original, kw, image_mask, blocks, rows, n, k, self._prompt_len)
+        return self.llm.run(original, kw, image_mask, images, self._prompt_len)
 
     def _generate(self, original, kw):
         if not self.enabled or kw.get("pixel_values") is None:
@@ -310,21 +294,10 @@ class LlavaHF(Patcher):
                 return original(**kw)
             finally:
                 self._prompt_len = None
-        inputs = kw.pop("inputs", None)
-        if inputs is not None:
-            kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs
-        prompt = kw.get("input_ids")
         decoder = self.handle.decoder
         if decoder is not None and decoder.active:
-            original, kw, dropped = self._contrast_session(original, kw)
-        else:
-            kw, dropped = self._prepare(kw, generating=True)
-        short = kw.get("input_ids")
-        if short is prompt:  # the caller's ids reach the LM as they are (embeddings in: new tokens only, as unpatched)
-            return original(**kw)
-        if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
-            kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
-        return with_caller_prompt(original(**kw), prompt, short)
+            return generate_short(original, kw, self._contrast_session)
+        return generate_short(original, kw, lambda generate, kw: (generate, *self._prepare(kw, generating=True)))
 
     # -- damro: contrastive decoding against the outlier-only prompt ------------------------------
     def _contrast_session(self, original, kw):

@@ -57,19 +57,18 @@ visual indices (the index space of ``kept``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from vlprune.errors import VlpruneError
-from vlprune.builtin_methods.base import Context, Signal
 from vlprune.patcher import ImageRecord
 from vlprune.registry import register_patcher
 from vlprune.sequence import block_rows, placeholder_positions
 
-from ._llm import LLMPruning
+from ._llm import LLMImage
 from .llava_hf import LlavaHF
 
 TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
@@ -174,34 +173,9 @@ def view_signals(signals: dict, row: int, local: torch.Tensor) -> dict:
     return {s: (v[row : row + 1, :, local] if s.kind in TOKEN_KINDS else v[row : row + 1]) for s, v in signals.items()}
 
 
-class NextLLMPruning(LLMPruning):
-    """Stage "llm" on NeXT blocks: ``pending["n"]`` holds each image's :class:`Layout`, ``["k"]`` its k. The
-    method sees the image's N visual tokens as one (1, N) grid (newlines excluded), one image at a time."""
-
-    ragged = True
-
-    def _choose(self, hidden, attention):
-        p = self.pending
-        sig = Signal("last_attention", self.k_layer - 1)
-        keep = ~p["image_mask"]
-        records = []
-        for block, layout, k, row in zip(p["blocks"], p["n"], p["k"], p["rows"]):
-            pos = block[layout.offsets(torch.arange(layout.visual, device=block.device))]
-            kept, scores = pos.new_zeros(0), None
-            if k:
-                tokens = hidden[pos[:, 0], pos[:, 1]].unsqueeze(0)
-                row_scores = attention[pos[:, 0], :, pos[:, 1]].T.unsqueeze(0)  # (1, heads, N)
-                sel = self.method.select(tokens, k, Context(grid=(1, layout.visual), signals={sig: row_scores}))
-                kept, scores = sel.indices[0].sort().values, None if sel.scores is None else sel.scores[0]
-            chosen = block[torch.cat(layout.kept_offsets(kept))]
-            keep[chosen[:, 0], chosen[:, 1]] = True
-            records.append(layout.record(row, kept, scores))
-        return keep, records
-
-
 @register_patcher("LlavaNextForConditionalGeneration")
 class LlavaNextHF(LlavaHF):
-    llm_pruning = NextLLMPruning
+    ragged_llm = True
     provides = {**LlavaHF.provides,
                 "decoding": "substitute: AnyRes has one [CLS] per view, so the k outliers are the top-k over all "
                             "views' tokens, each scored by its own view's [CLS] row; the outlier-only prompt holds "
@@ -366,12 +340,19 @@ class LlavaNextHF(LlavaHF):
 
     def _forward_llm(self, original, kw):
         image_mask, layouts, blocks, rows = self._images(kw)
-        ks = [self.keep_count(layout.visual) for layout in layouts]
-        self.handle.last = [layout.record(r, torch.arange(layout.visual, device=image_mask.device))
-                                for r, layout in zip(rows, layouts)]
-        if all(k >= layout.visual for k, layout in zip(ks, layouts)):
+        images = [self._llm_image(r, block, layout) for r, block, layout in zip(rows, blocks, layouts)]
+        self.handle.last = [image.untouched() for image in images]
+        if all(image.k >= layout.visual for image, layout in zip(images, layouts)):
             return original(**kw)
-        return self.llm.run(original, kw, image_mask, blocks, rows, layouts, ks, self._prompt_len)
+        return self.llm.run(original, kw, image_mask, images, self._prompt_len)
+
+    def _llm_image(self, row, block, layout) -> LLMImage:
+        """The method sees the image's N visual tokens as one (1, N) grid (newlines excluded); a newline
+        stays with every high-res row that keeps a token."""
+        places = block[layout.offsets(torch.arange(layout.visual, device=block.device))]
+        return LLMImage(row, places, (1, layout.visual), self.keep_count(layout.visual),
+                        record=partial(layout.record, row),
+                        companions=lambda kept: block[layout.kept_offsets(kept)[1]])
 
     # -- damro: the hooks LlavaHF._contrast_session calls -----------------------------------------
     def _outlier_scores(self, kw):

@@ -55,6 +55,7 @@ from vlprune.select import grid_shape
 
 from ._clip import ClipTaps, encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
+from ._llm import LLMImage, LLMPruning
 from ._wrap import named_arguments, wrap_method
 from .llava_hf import LlavaHF
 
@@ -100,7 +101,7 @@ class LlavaOriginal(LlavaHF):
             self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
         method = self.handle.method
         if method.stage == "llm":
-            self.llm = self.llm_pruning(self, self.inner.layers, method)
+            self.llm = LLMPruning(self, self.inner.layers, method, self.ragged_llm)
         else:
             if method.stage == "in_encoder":
                 self._install_in_encoder(method)
@@ -237,7 +238,7 @@ class LlavaOriginal(LlavaHF):
         rows = self._rows(ids, mask, full)
         b, length = embeds.shape[:2]
         image_mask = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
-        blocks, owners = [], []
+        images = []
         for r, (row, start) in enumerate(zip(rows, self._place(rows, length))):
             for _, first, count in row.images:
                 if count != n:
@@ -245,16 +246,15 @@ class LlavaOriginal(LlavaHF):
                                        f"method={self.handle.method.name!r} needs whole images")
                 cols = torch.arange(start + first, start + first + n, device=embeds.device)
                 image_mask[r, cols] = True
-                blocks.append(torch.stack([torch.full_like(cols, r), cols], 1))
-                owners.append(r)
-        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full[0]) for r in owners]  # until a drop
-        if not blocks:
+                images.append(LLMImage(r, torch.stack([torch.full_like(cols, r), cols], 1), self.grid, k))
+        self.handle.last = [image.untouched() for image in images]  # until a drop
+        if not images:
             return out
         if attn is not None and not self._left_padded():
             anchor = attn.long().sum(1) - 1  # the prompt's last token
         else:
             anchor = torch.full((b,), length - 1, device=embeds.device)
-        self.llm.begin(image_mask, blocks, owners, anchor, n, k)
+        self.llm.begin(image_mask, images, anchor)
         self._labels = labels
         return None, pos, attn, past, embeds, None  # the loss is taken after the drop (in _forward)
 

@@ -59,20 +59,18 @@ import torch
 
 from vlprune import signals as sig
 from vlprune.errors import VlpruneError
-from vlprune.builtin_methods.base import Context, Selection, Signal
+from vlprune.builtin_methods.base import Selection, Signal
 from vlprune.patcher import YES, ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.sequence import (
     block_rows,
-    compact,
-    is_right_padded,
     keep_mask,
     placeholder_positions,
-    with_caller_prompt,
 )
 
 from ._clip import resolve_layer
-from ._llm import LLMPruning
+from ._call import free_pad_id, generate_short, shorten
+from ._llm import LLMImage, LLMPruning
 from ._wrap import wrap_method
 
 _RECEIVED = ("substitute: [CLS] attention -> the mean attention each merged token receives (as HoloV and HiPrune "
@@ -102,7 +100,6 @@ PROVIDES = {
 
 KINDS = ("attention_received", "cls_attention", "keys", "values", "cls_query", "cls_key", "cls_value")
 PER_UNIT = ("attention_received", "cls_attention", "keys", "values")
-SEQUENCE_PADS = {"input_ids": None, "attention_mask": 0, "labels": -100}
 
 
 def window_layout(grid_thw: torch.Tensor, vcfg) -> dict:
@@ -209,31 +206,6 @@ def _units(per_patch: torch.Tensor) -> torch.Tensor:
     return per_patch.view(per_patch.shape[0], -1, 4).mean(-1)
 
 
-class QwenLLMPruning(LLMPruning):
-    """patches/_llm.py for Qwen2.5-VL: per-image sizes and grids, rows evened out with masked fillers."""
-
-    ragged = True
-
-    def _choose(self, hidden, attention):
-        p = self.pending
-        kept, records = [], []
-        sig_ = Signal("last_attention", self.k_layer - 1)
-        for i, blk in enumerate(p["blocks"]):
-            n, k = p["n"][i], p["k"][i]
-            scores = attention[blk[:, 0], :, blk[:, 1]].transpose(0, 1)[None]  # (1, H, n)
-            if k == 0:
-                sel = Selection(torch.zeros(1, 0, dtype=torch.long, device=hidden.device))
-            elif k >= n:
-                sel = Selection(torch.arange(n, device=hidden.device)[None])
-            else:
-                sel = self.method.select(hidden[blk[:, 0], blk[:, 1]][None], k,
-                                         Context(grid=p["grids"][i], signals={sig_: scores}))
-                sel.indices = sel.indices.sort(dim=1).values
-            kept.append(sel.indices[0])
-            records += self.patcher.records([p["rows"][i]], n, sel.indices.shape[1], sel)
-        return keep_mask(p["image_mask"], p["blocks"], kept), records
-
-
 @register_patcher("Qwen2_5_VLForConditionalGeneration")
 class Qwen2_5_VL(Patcher):
     provides = PROVIDES
@@ -253,7 +225,7 @@ class Qwen2_5_VL(Patcher):
         self._prompt_len = None
         self._grid_thw = None
         if method.stage == "llm":
-            self.llm = QwenLLMPruning(self, self.inner.language_model.layers, method)
+            self.llm = LLMPruning(self, self.inner.language_model.layers, method, ragged=True)
         elif method.stage == "in_encoder":
             self._install_in_encoder(method)
         else:
@@ -347,13 +319,6 @@ class Qwen2_5_VL(Patcher):
             raise VlpruneError("image_grid_thw with t > 1 (several frames per image) is not supported for pruning")
         return image_mask, blocks, rows, sizes, grids
 
-    def _pad_id(self) -> int:
-        """Token id for re-padded positions: the LM's pad id, never an image/video placeholder."""
-        cfg = self.model.config
-        special = {cfg.image_token_id, cfg.video_token_id}
-        pad = cfg.text_config.pad_token_id
-        return pad if pad is not None and pad not in special else min(set(range(len(special) + 1)) - special)
-
     def _positions(self, kw, generating: bool):
         """(3, B, L) M-RoPE position ids the unpatched model would use for this call (no cache)."""
         ids, mask = kw["input_ids"], kw.get("attention_mask")
@@ -402,15 +367,10 @@ class Qwen2_5_VL(Patcher):
             kw.pop(name, None)
         kw["mm_encoder_outputs"] = {"image": feats}
         length = keep.shape[1]
-        pads = dict(SEQUENCE_PADS, input_ids=self._pad_id())
-        tensors = {name: (kw.get(name), pad) for name, pad in pads.items() if name in kw or name == "attention_mask"}
-        for name, value in kw.items():  # any other per-position tensor (mm_token_type_ids, ...)
-            if name not in tensors and torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == keep.shape:
-                tensors[name] = (value, 0)
-        tensors["_pos"] = (pos.permute(1, 2, 0), 0)
-        short = compact(keep, tensors, is_right_padded(mask))
-        pos = short.pop("_pos").permute(2, 0, 1).contiguous()
-        kw.update(short)
+        cfg = self.model.config
+        pad_id = free_pad_id(cfg.text_config.pad_token_id, {cfg.image_token_id, cfg.video_token_id})
+        kw, short = shorten(kw, keep, pad_id, extra={"pos": (pos.permute(1, 2, 0), 0)})
+        pos = short["pos"].permute(2, 0, 1).contiguous()
         new_mask = kw.get("attention_mask")
         real = new_mask.bool() if new_mask is not None else torch.ones_like(kw["input_ids"], dtype=torch.bool)
         # decoding continues at the original max position + 1: rope_deltas = next position - tokens kept
@@ -519,34 +479,23 @@ class Qwen2_5_VL(Patcher):
         ids = kw.get("input_ids")
         grid_thw = kw.get("image_grid_thw", self._grid_thw)
         image_mask, blocks, rows, sizes, grids = self._image_blocks(ids, grid_thw, None)
-        ks = [self.keep_count(n) for n in sizes]
-        self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
-                            for r, n in zip(rows, sizes)]  # until a drop
-        if all(k >= n for k, n in zip(ks, sizes)):
+        images = [LLMImage(r, block, grid, self.keep_count(n)) for r, block, grid, n in zip(rows, blocks, grids, sizes)]
+        self.handle.last = [image.untouched() for image in images]  # until a drop
+        if all(image.k >= n for image, n in zip(images, sizes)):
             return original(**kw)
-        return self.llm.run(original, kw, image_mask, blocks, rows, sizes, ks, self._prompt_len, grids=grids)
+        return self.llm.run(original, kw, image_mask, images, self._prompt_len)
 
     def _generate(self, original, kw):
         if self.enabled:
             self._no_videos(kw)
         if not self.enabled or kw.get("pixel_values") is None:
             return original(**kw)
-        inputs = kw.pop("inputs", None)
-        if inputs is not None:
-            kw["inputs_embeds" if inputs.is_floating_point() else "input_ids"] = inputs
         if self.handle.method.stage == "llm":
-            prompt = kw.get("input_ids")
+            prompt = kw.get("input_ids", kw.get("inputs"))
             self._prompt_len = None if prompt is None else prompt.shape[1]
             self._grid_thw = kw.get("image_grid_thw")  # generate() encodes the images, then drops the grid
             try:
                 return original(**kw)
             finally:
                 self._prompt_len = self._grid_thw = None
-        prompt = kw.get("input_ids")
-        kw, dropped = self._prepare(kw, generating=True)
-        short = kw.get("input_ids")
-        if short is prompt:  # the caller's ids reach the LM as they are
-            return original(**kw)
-        if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
-            kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
-        return with_caller_prompt(original(**kw), prompt, short)
+        return generate_short(original, kw, lambda generate, kw: (generate, *self._prepare(kw, generating=True)))
