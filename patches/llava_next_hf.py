@@ -3,8 +3,8 @@
 The unpruned model feeds each image as: the base view's s x s patch tokens (raster order), then the
 crops stitched into one high-res grid, its padding rows or columns removed ("unpadded", H x W left),
 each of its H rows followed by an ``image_newline`` token. Everything else works as on LLaVA-1.5
-(patches/llava_hf.py, which this subclasses): q/k/v taps for the signals, the sequence rebuilt with one
-keep mask, ``generate`` returning the caller's prompt ids + new ids.
+(the shared HF LLaVA call side, patches/_hf_llava.py): q/k/v taps for the signals, the sequence rebuilt
+with one keep mask, ``generate`` returning the caller's prompt ids + new ids.
 
 Budget, per image. ``ratio``/``keep`` count the image's visual tokens as the unpruned model feeds them,
 newlines excluded: N = s*s + H*W. The image's k is split over its views (the base view and every crop)
@@ -69,9 +69,9 @@ from vlprune.registry import register_patcher
 from vlprune.sequence import block_rows, placeholder_positions
 
 from ._llm import LLMImage
-from .llava_hf import LlavaHF
+from ._tower import view_signals
+from ._hf_llava import HFLlava
 
-TOKEN_KINDS = ("cls_attention", "attention_received", "keys", "values")  # signals with a patch-token axis (dim 2)
 
 
 @dataclass(repr=False)  # ImageRecord's short repr, with grids and newlines
@@ -168,15 +168,10 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
     return quotas
 
 
-def view_signals(signals: dict, row: int, local: torch.Tensor) -> dict:
-    """One tower row's signals, restricted to the patch tokens ``local``."""
-    return {s: (v[row : row + 1, :, local] if s.kind in TOKEN_KINDS else v[row : row + 1]) for s, v in signals.items()}
-
-
 @register_patcher("LlavaNextForConditionalGeneration")
-class LlavaNextHF(LlavaHF):
+class LlavaNextHF(HFLlava):
     ragged_llm = True
-    provides = {**LlavaHF.provides,
+    provides = {**HFLlava.provides,
                 "decoding": "substitute: AnyRes has one [CLS] per view, so the k outliers are the top-k over all "
                             "views' tokens, each scored by its own view's [CLS] row; the outlier-only prompt holds "
                             "those k tokens, no newlines"}
@@ -189,8 +184,9 @@ class LlavaNextHF(LlavaHF):
         self._image_sizes = None
         super().install()
 
-    def _install_selection(self, method, projector):
-        """Nothing to hook: ``_encode`` runs the tower and the projector itself, per image and view."""
+    def _pruned_projector(self):
+        """None: ``_encode`` runs the tower and the projector itself, per image and view."""
+        return None
 
     def layout(self, size) -> Layout:
         return anyres_layout(tuple(int(x) for x in size), self.pinpoints, self.model.config.vision_config.image_size,
@@ -247,7 +243,7 @@ class LlavaNextHF(LlavaHF):
         stage = self.handle.method.stage
         projector = self.inner.multi_modal_projector
         if stage != "in_encoder":
-            feats, signals = self._tower(pixel_values, layer)
+            feats, signals, _ = self._tower(pixel_values, layer)
         feats_out, records, first = [], [], 0
         for layout, k, row in zip(layouts, ks, rows):
             quotas = split_budget(k, [len(v.local) for v in layout.views])
@@ -275,42 +271,28 @@ class LlavaNextHF(LlavaHF):
             records.append(layout.record(row, kept, *self._over_image(layout, parts, order)))
         return feats_out, records
 
-    def _tower(self, pixel_values, layer):
-        """The vision tower once over every view, capturing the signals: (feature-layer patch tokens, signals)."""
-        self._busy = True
-        try:
+    def _tower(self, pixel_values, layer, k: int = 0, visible=None):
+        """The vision tower once over ``pixel_values`` with the taps (and an in-encoder method's cuts to k)
+        live: (feature-layer patch tokens, signals, the surviving patch indices of an in-encoder pass)."""
+        n = self.side * self.side
+        with self.tower.encoding(n, pixel_values.shape[0], k, pixel_values.device, visible) as call:
             hidden = self.inner.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True).hidden_states
-            signals = self.taps.take()
-        finally:
-            self._busy = False
-            self.taps.take()
+            signals, orig = call.signals(), call.state["orig"]
         feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
-        return feats[:, 1:], signals
+        return feats[:, 1:], signals, orig
 
     def _encode_in_encoder(self, pixels, layer, view, q):
         """One view through the tower with in-encoder pruning to q tokens; its first prune picks among
-        the tokens unpadding leaves."""
+        the tokens unpadding leaves, and its cut is mapped back to the image's visual indices."""
         n = self.side * self.side
-        self._enc = {**self._encoder_state(n, 1, q, pixels.device),
-                     "visible": None if len(view.local) == n else view.local.to(pixels.device)}
-        feats, _ = self._tower(pixels.unsqueeze(0), layer)
-        orig, self._enc = self._enc["orig"][0], None
+        visible = None if len(view.local) == n else view.local.to(pixels.device)
+        feats, _, orig = self._tower(pixels.unsqueeze(0), layer, q, visible)
+        orig = orig[0]
         if feats.shape[1] != q:
             raise RuntimeError(f"{self.handle.method.name} left {feats.shape[1]} tokens, expected {q}")
         to_visual = torch.full((n,), -1, dtype=torch.long, device=orig.device)
         to_visual[view.local.to(orig.device)] = view.visual.to(orig.device)
         return view, to_visual[orig], feats[0], None, None
-
-    def _encoder_step(self, layer, signals, state):
-        """Until the first cut the method sees only the unpadded tokens; its cut is mapped back to the view."""
-        visible = state.get("visible")
-        if visible is None:
-            return super()._encoder_step(layer, signals, state)
-        keep, score, counts = super()._encoder_step(layer, view_signals(signals, 0, visible), state)
-        if keep is None:
-            return None, score, None
-        state["visible"] = None
-        return visible[keep], score, counts
 
     def _pack(self, layout, kept, tokens):
         """The image's features as the LM receives them: kept tokens, a newline after each non-empty row."""
@@ -354,7 +336,7 @@ class LlavaNextHF(LlavaHF):
                         record=partial(layout.record, row),
                         companions=lambda kept: block[layout.kept_offsets(kept)[1]])
 
-    # -- damro: the hooks LlavaHF._contrast_session calls -----------------------------------------
+    # -- damro: the hooks HFLlava._contrast_session calls -----------------------------------------
     def _outlier_scores(self, kw):
         """One tower pass over every view with the decoder's taps: (each image's [CLS] scores over its N
         visual tokens, each token's from its own view's head-mean row; the packed projected features)."""

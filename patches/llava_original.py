@@ -9,7 +9,7 @@ and position ids. It inserts whatever number of features an image has, so prunin
 surgery of ours: the survivors simply arrive shorter. The pieces, all instance-level and in the ledger:
 
 - stages encoder / projector / in_encoder: the same CLIP q/k/v taps and projector hooks as HF LLaVA-1.5
-  (``patches/llava_hf.py``, which this subclasses); a wrapper of ``encode_images`` arms them only inside
+  (``patches/_tower.py``); a wrapper of ``encode_images`` arms them only inside
   ``prepare_inputs_labels_for_multimodal`` (in_encoder methods run on the batch, padded as there);
 - stage llm: the full sequence is built as unpatched; a wrapper of ``prepare_inputs_labels_for_multimodal``
   locates every image's N positions in it and arms ``patches/_llm.py`` for the LM call that follows;
@@ -49,15 +49,15 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
-from vlprune.patcher import EVERYTHING, ImageRecord
+from vlprune.patcher import EVERYTHING, ImageRecord, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 
-from ._clip import ClipTaps, encoder_layers
+from ._clip import encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._llm import LLMImage, LLMPruning
+from ._tower import TowerPruning
 from ._wrap import named_arguments, wrap_method
-from .llava_hf import LlavaHF
 
 @dataclass
 class _Row:
@@ -69,7 +69,7 @@ class _Row:
 
 
 @register_patcher("LlavaLlamaForCausalLM")
-class LlavaOriginal(LlavaHF):
+class LlavaOriginal(Patcher):
     provides = EVERYTHING  # as HF LLaVA-1.5: the same CLIP tower, projector position and a Llama LM
 
     def install(self):
@@ -90,8 +90,8 @@ class LlavaOriginal(LlavaHF):
         self.select_layer = tower.select_layer
         self.patches_per_image = tower.num_patches
         self.grid = grid_shape(self.patches_per_image)
-        self._busy = self._in_prepare = self._generating = False
-        self._selection = self._selections = self._enc = self._labels = None
+        self._in_prepare = self._generating = False
+        self._selections = self._labels = None
         self._prompt_len = None
         self._session = None  # the ContrastSession of a running generate() (damro)
         self._features = None  # image features encode_images hands out instead of encoding (damro)
@@ -101,13 +101,10 @@ class LlavaOriginal(LlavaHF):
             self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
         method = self.handle.method
         if method.stage == "llm":
-            self.llm = LLMPruning(self, self.inner.layers, method, self.ragged_llm)
+            self.llm = LLMPruning(self, self.inner.layers, method)
         else:
-            if method.stage == "in_encoder":
-                self._install_in_encoder(method)
-            else:
-                self.taps = ClipTaps(self.layers, method.signals(), self.ledger, lambda: self._busy)
-            self._install_selection(method, self.inner.mm_projector)
+            feature = self.select_layer % (len(self.layers) + 1) - 1  # the layer whose output the projector reads
+            self.tower = TowerPruning(self, self.layers, self.inner.mm_projector, feature)
             wrap_method(self, model, "encode_images", self._encode_images)
         wrap_method(self, model, "prepare_inputs_labels_for_multimodal", self._prepare_mm)
         self._wrap_forward()
@@ -128,10 +125,6 @@ class LlavaOriginal(LlavaHF):
             return self._forward(original, named_arguments(signature, args, kwargs))
 
         self.ledger.set_attr(self.model, "forward", forward)
-
-    def _feature_layer_index(self, method) -> int:
-        """``mm_vision_select_layer`` plays the part of HF's ``vision_feature_layer``."""
-        return self.select_layer % (len(self.layers) + 1) - 1
 
     # -- where the images go ----------------------------------------------------------------------
     def _rows(self, ids, mask, kept: list) -> list[_Row]:
@@ -266,17 +259,11 @@ class LlavaOriginal(LlavaHF):
             return features
         if not self._in_prepare:
             return original(**kw)
-        images = kw["images"]
-        self._busy = True
-        self._enc = self._encoder_state(self.patches_per_image, images.shape[0],
-                                        self.keep_count(self.patches_per_image), images.device)
-        try:
+        images, n = kw["images"], self.patches_per_image
+        with self.tower.encoding(n, images.shape[0], self.keep_count(n), images.device) as call:
             feats = original(images=images)
-            self._selections.append(self._selection)
+            self._selections.append(call.selection)
             return feats
-        finally:
-            self._busy, self._selection, self._enc = False, None, None
-            self.taps.take()
 
     def _forward(self, original, kw):
         if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted
