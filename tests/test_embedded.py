@@ -49,6 +49,22 @@ def test_scenes_are_deterministic_and_the_test_split_is_pinned():
     assert scenes.test_items(2, start=5)[1]["question"] == scenes.test_items(7)[6]["question"]
 
 
+def test_training_stream_repeats_a_colour_on_every_third_scene_and_leaves_the_rest_alone():
+    """Scenes 2, 5, 8, ... of the training stream hold exactly 3 or 4 objects of one colour (as many as fit)
+    and no colour more often; the others are the plain stream; the questions still follow from the objects."""
+    for i in range(24):
+        sc = scenes.train_scene(i)
+        colors = [o.color for o in sc.objects]
+        top = max(colors.count(c) for c in set(colors))
+        if i % 3 == 2:
+            m = min(scenes.TRAIN_REPEAT[i // 3 % 2], len(colors))
+            assert top == m, (i, colors)
+        else:
+            assert np.array_equal(sc.image, scenes.make_scene(scenes.SEEDS["train"], i).image)
+        for qa in sc.qas:
+            assert qa.answer == _expected(qa, sc.objects), (i, qa)
+
+
 def _expected(qa, objs):
     words = qa.question.split()
     if qa.qtype == "color":
