@@ -54,3 +54,15 @@ def generate_short(original, kw: dict, prepare):
     if kw.get("max_length") is not None and kw.get("max_new_tokens") is None:
         kw["max_length"] -= dropped  # it counts the caller's (full) prompt; the LM sees a shorter one
     return with_caller_prompt(original(**kw), prompt, short)
+
+
+def forward_short(patcher, original, kw: dict, images: int):
+    """``forward`` of a pruned call with ``images`` images: stage "llm" drops inside the LM
+    (``patcher._forward_llm``); otherwise a call with pixels runs on the sequence ``patcher._prepare``
+    shortens; anything else (disabled, text only) runs as unpatched."""
+    if patcher.enabled and patcher.handle.method.stage == "llm" and images:
+        return patcher._forward_llm(original, kw)
+    if not patcher.enabled or kw.get("pixel_values") is None:
+        return original(**kw)
+    kw, _ = patcher._prepare(kw, generating=False)
+    return original(**kw)

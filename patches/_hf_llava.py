@@ -25,7 +25,7 @@ from vlprune.patcher import EVERYTHING, Patcher
 from vlprune.select import grid_shape
 from vlprune.sequence import keep_mask
 
-from ._call import free_pad_id, generate_short, shorten
+from ._call import forward_short, free_pad_id, generate_short, shorten
 from ._clip import encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._llm import LLMPruning
@@ -121,12 +121,7 @@ class HFLlava(Patcher):
     def _forward(self, original, kw):
         if self._session is not None:  # inside generate() under damro: full and outlier rows, contrasted
             return self._session.forward(original, kw)
-        if self.enabled and self.handle.method.stage == "llm" and self._image_count(kw):
-            return self._forward_llm(original, kw)
-        if not self.enabled or kw.get("pixel_values") is None:
-            return original(**kw)
-        kw, _ = self._prepare(kw, generating=False)
-        return original(**kw)
+        return forward_short(self, original, kw, self._image_count(kw))
 
     @staticmethod
     def _image_count(kw) -> int:

@@ -69,7 +69,7 @@ from vlprune.sequence import (
 )
 
 from ._clip import resolve_layer
-from ._call import free_pad_id, generate_short, shorten
+from ._call import forward_short, free_pad_id, generate_short, shorten
 from ._llm import LLMImage, LLMPruning
 from ._wrap import wrap_method
 
@@ -460,12 +460,7 @@ class Qwen2_5_VL(Patcher):
     def _forward(self, original, kw):
         if self.enabled:
             self._no_videos(kw)
-        if self.enabled and self.handle.method.stage == "llm" and self._image_count(kw):
-            return self._forward_llm(original, kw)
-        if not self.enabled or kw.get("pixel_values") is None:
-            return original(**kw)
-        kw, _ = self._prepare(kw, generating=False)
-        return original(**kw)
+        return forward_short(self, original, kw, self._image_count(kw))
 
     @staticmethod
     def _image_count(kw) -> int:
