@@ -58,7 +58,7 @@ def prior_answers(items, n_train: int = 5000) -> list[str]:
     """The most frequent answer of each question text among the first training scenes (a no-image guess)."""
     counts: dict[str, Counter] = {}
     for i in range(n_train):
-        for qa in scenes.make_scene(scenes.SEEDS["train"], i).qas:
+        for qa in scenes.train_scene(i).qas:
             counts.setdefault(qa.question, Counter())[qa.answer] += 1
     by_type: dict[str, Counter] = {}
     for q, c in counts.items():

@@ -45,7 +45,7 @@ def _scene_chunk(job):
     split, start, stop = job
     images, cols, shps, records = [], [], [], []
     for i in range(start, stop):
-        s = scenes.make_scene(scenes.SEEDS[split], i)
+        s = scenes.train_scene(i) if split == "train" else scenes.make_scene(scenes.SEEDS[split], i)
         images.append(s.image)
         c, h = patch_labels(s)
         cols.append(c)
