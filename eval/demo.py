@@ -229,6 +229,7 @@ class Run:
     method: str | None
     answer: str = ""
     visual: tuple[int, int] | None = None  # visual tokens (before, after) of the image
+    layer: int | None = None  # methods inside the LM: the decoder layer from which only ``after`` remain
     lm_tokens: int | None = None  # positions the LM prefilled (prompt text + visual tokens)
     prefill_ms: float | None = None
     speedup: float | None = None
@@ -325,7 +326,7 @@ class Engine:
             if not records:
                 raise RuntimeError(f"method {method!r} left no record of the image")
             rec = records[0]
-            run.visual = (int(rec.before), int(rec.after))
+            run.visual, run.layer = (int(rec.before), int(rec.after)), rec.layer
             grid = inputs["image_grid_thw"][0].tolist() if self.is_qwen else None
             run.panels = panels_for(rec, image.size, getattr(self.processor, "image_processor", None), grid)
         except vlprune.VlpruneError as e:
@@ -504,6 +505,8 @@ def render(comparison: Comparison, image: Image.Image, expected: str = ""):
             rows.append(f"| {name} | error: {_cell(r.error)} | | | | |")
             continue
         tokens = (n or "") if r.method is None else f"{r.visual[0]} → {r.visual[1]}"
+        if r.layer is not None:  # inside the LM: the earlier decoder layers saw every visual token
+            tokens += f" from LM layer {r.layer}"
         speed = "1.00×" if r.method is None else f"{r.speedup:.2f}×" if r.speedup else ""
         rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}**{_mark(ok)} | {tokens} | {r.lm_tokens} | "
                     f"{r.prefill_ms:.1f}{'*' if r.noisy else ''} | {speed} |")
@@ -527,6 +530,7 @@ def render(comparison: Comparison, image: Image.Image, expected: str = ""):
         "runs": [{"method": r.method, "summary": None if r.method is None else method_summary(r.method),
                   "answer": r.answer, "correct": ok, "error": r.error,
                   "visual_before": r.visual[0] if r.visual else n, "visual_after": r.visual[1] if r.visual else n,
+                  "visual_from_layer": r.layer,
                   "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup, "noisy": r.noisy,
                   "grids": [list(p.grid) for p in r.panels], "kept": [list(p.kept) for p in r.panels],
                   "merged": [[list(g) for g in p.merged] for p in r.panels]} for r, ok in zip(runs, correct)],

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
-from vlprune.builtin_methods.base import Context, Signal
+from vlprune.builtin_methods.base import Context, Method, Signal
 from vlprune.patcher import ImageRecord
 from vlprune.sequence import is_right_padded
 
@@ -90,7 +90,8 @@ class LLMPruning:
 
     With a ``method.exit_threshold()``, K is only the earliest layer: the drop happens at the first layer
     >= K where the anchor token's attention mass on the image tokens at the previous layer is below the
-    threshold in every row of the batch.
+    threshold in every row of the batch. A method whose ``exit_votes`` answer (a learned gate, ``dyvte``)
+    decides the same way from the layer's input: at the first layer >= K where every row votes to exit.
     """
 
     def __init__(self, patcher, layers, method, ragged: bool = False):
@@ -102,11 +103,13 @@ class LLMPruning:
                                f"(allowed 1..{n - 1}: the decoder layer from which image tokens are dropped)")
         self.patcher, self.method, self.k_layer = patcher, method, k_layer
         self.threshold = method.exit_threshold()
+        self.by_state = type(method).exit_votes is not Method.exit_votes
+        self.fixed = self.threshold is None and not self.by_state
         self.pending = None
         self.sessions = weakref.WeakKeyDictionary()
         ledger = patcher.ledger
         self.rope = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
-        watched = range(k_layer - 1, n - 1) if self.threshold is not None else [k_layer - 1]
+        watched = [k_layer - 1] if self.fixed else range(k_layer - 1, n - 1)
         for idx in watched:  # layers whose anchor attention row decides at the next layer
             attn = layers[idx].self_attn
             ledger.hook(attn.register_forward_pre_hook(functools.partial(self._grab_kwargs, idx), with_kwargs=True))
@@ -117,8 +120,9 @@ class LLMPruning:
             ledger.hook(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
 
     # -- per call ---------------------------------------------------------------------------------
-    def begin(self, image_mask, images: list[LLMImage], anchor):
-        self.pending = {"image_mask": image_mask, "images": images, "anchor": anchor, "cols": None, "exit": None}
+    def begin(self, image_mask, images: list[LLMImage], anchor, valid=None):
+        self.pending = {"image_mask": image_mask, "images": images, "anchor": anchor, "valid": valid, "cols": None,
+                        "exit": None}
 
     def end(self):
         self.pending = None
@@ -134,7 +138,8 @@ class LLMPruning:
         if mask is not None and mask.dim() == 2:  # right-padded rows end earlier
             anchor = torch.where(is_right_padded(mask), mask[:, :length].long().sum(1) - 1, anchor)
         labels = kw.pop("labels", None)
-        self.begin(image_mask, images, anchor)
+        valid = mask[:, : image_mask.shape[1]].bool() if mask is not None and mask.dim() == 2 else None
+        self.begin(image_mask, images, anchor, valid)
         try:
             out = original(**kw)
             cols, filler = self.pending["cols"], self.pending.get("filler")
@@ -183,7 +188,7 @@ class LLMPruning:
         p["attention"] = torch.softmax(logits, dim=-1)
 
     # -- layers >= K: drop, then keep every layer's inputs consistent ------------------------------
-    def _select(self, hidden):
+    def _select(self, hidden, idx):
         p = self.pending
         if "attention" not in p:
             raise RuntimeError("the attention row of the anchor token was not captured at layer K-1")
@@ -204,6 +209,8 @@ class LLMPruning:
             keep = keep | filler
         p["cols"] = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept, in order
         p["filler"] = None if filler is None else filler.gather(1, p["cols"])
+        for record in records:
+            record.layer = idx
         self.patcher.handle.last = records
         return p["cols"]
 
@@ -239,14 +246,32 @@ class LLMPruning:
         sel = self.method.select(hidden[rows, cols], k, Context(grid=grid, signals=signal))
         return sel.indices.sort(dim=1).values, sel.scores
 
-    def _exit_now(self) -> bool:
-        """Fixed layer: always. Threshold: the image's share of the anchor's attention fell below it."""
-        if self.threshold is None:
+    def _exit_now(self, idx, hidden) -> bool:
+        """Fixed layer: always. Threshold: the image's share of the anchor's attention fell below it. Votes:
+        the method's gate on this layer's input says so. A batch exits when every row does."""
+        if self.fixed:
             return True
         p = self.pending
-        image = p["image_mask"].unsqueeze(1).float()  # (B, 1, L)
-        mass = (p["attention"] * image).sum(-1).mean(1)  # head mean, per row
-        return bool((mass < self.threshold).all())  # host sync: the threshold decides at which layer to exit
+        if self.by_state:
+            votes = self.method.exit_votes(idx, *self._text_state(hidden))
+        else:
+            image = p["image_mask"].unsqueeze(1).float()  # (B, 1, L)
+            votes = (p["attention"] * image).sum(-1).mean(1) < self.threshold  # head mean, per row
+        return bool(votes.all())  # host sync: the exit decides the length of every later layer's sequence
+
+    def _text_state(self, hidden):
+        """(mean over the prompt's text tokens after its last image token, before the last; the last token),
+        both (B, D) float32, from a layer's input ``hidden`` (B, L, D)."""
+        p = self.pending
+        image, anchor = p["image_mask"], p["anchor"]
+        pos = torch.arange(image.shape[1], device=image.device)
+        after = torch.where(image, pos, -1).amax(1)  # each row's last image position
+        text = (pos > after.unsqueeze(1)) & (pos < anchor.unsqueeze(1)) & ~image
+        if p["valid"] is not None:
+            text &= p["valid"]
+        h = hidden[:, : image.shape[1]].float()
+        mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
+        return mean, h[torch.arange(h.shape[0], device=h.device), anchor]
 
     def _before_layer(self, idx, _module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -255,10 +280,10 @@ class LLMPruning:
         if p is not None:  # prefill of a pruned call
             length = p["image_mask"].shape[1]
             if p["cols"] is None:
-                if not self._exit_now():
+                if not self._exit_now(idx, hidden):
                     p.pop("attention", None)
                     return None
-                cols = self._select(hidden)
+                cols = self._select(hidden, idx)
                 hidden = gather_seq(hidden, cols)
                 p["exit"] = idx
                 # keys cached before this call (a continued conversation) stay; layer 0 already holds ours

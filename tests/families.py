@@ -22,8 +22,8 @@ class Family:
         self.model = model
 
     def options(self, method: str) -> dict:
-        """Method options the tiny model needs (e.g. a layer index its small tower has)."""
-        return {}
+        """Method options the tiny model needs (e.g. a layer index its small tower has, learned weights)."""
+        return tiny.learned_options(self.model, method)
 
     def forward(self, inp, **kw):
         with torch.inference_mode():
@@ -105,7 +105,7 @@ class Qwen(Family):
     def options(self, method):
         from test_qwen2_5_vl import OPTIONS
 
-        return OPTIONS.get(method, {})
+        return {**OPTIONS.get(method, {}), **tiny.learned_options(self.model, method)}
 
     def single(self, i):
         from test_qwen2_5_vl import TWO_SIZES, inputs

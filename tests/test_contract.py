@@ -18,7 +18,7 @@ import syncs
 import vlprune
 from vlprune.budget import Budget
 from vlprune.registry import _PATCHERS, get_method
-from tiny import IMAGE_TOKEN, batch, fail_if_left_patched, pixels, prompt
+from tiny import IMAGE_TOKEN, batch, fail_if_left_patched, learned_options, pixels, prompt
 
 METHODS = sorted(vlprune.methods())
 N = 16  # patches per tiny image
@@ -78,9 +78,10 @@ def no_hooks_left(model, before):
     assert not [name for name in wrapped if name in model.__dict__]
 
 
-def budget(method, **kw):
-    """The budget keywords a method takes (methods that are not budgeted take none)."""
-    return kw if get_method(method).budgeted else {}
+def budget(method, model=None, **kw):
+    """The budget keywords a method takes (methods that are not budgeted take none), plus, given the
+    model, a learned method's weights for it."""
+    return {**(kw if get_method(method).budgeted else {}), **(learned_options(model, method) if model is not None else {})}
 
 
 def expected_keep(method, k):
@@ -250,7 +251,7 @@ LLAVA_METHODS = supported("llava_hf")
 @pytest.mark.parametrize("method", LLAVA_METHODS)
 def test_generate_keeps_output_contract(llava, method):
     ids, mask = batch([prompt()])
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)):
+    with vlprune.pruned(llava, method, **budget(method, llava, ratio=0.75)):
         out = gen(llava, ids, mask, pixels(1), max_new_tokens=4)
         assert out.shape == (1, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
         dict_out = gen(llava, ids, mask, pixels(1), max_new_tokens=4, return_dict_in_generate=True)
@@ -264,10 +265,10 @@ def test_batch_with_different_image_counts_repads(llava, method):
     prompts = [prompt(n_images=2, text_before=(1, 7)), prompt(n_images=1, text_before=(1, 8, 9))]
     pv = pixels(3)
     if get_method(method).stage == "llm":  # rows cannot have different lengths mid-network: a clear error
-        with vlprune.pruned(llava, method, **budget(method, ratio=0.5)), pytest.raises(vlprune.VlpruneError, match="same number of images"):
+        with vlprune.pruned(llava, method, **budget(method, llava, ratio=0.5)), pytest.raises(vlprune.VlpruneError, match="same number of images"):
             gen(llava, *batch(prompts), pv)
         return
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.5)) as h:
+    with vlprune.pruned(llava, method, **budget(method, llava, ratio=0.5)) as h:
         singles = [gen(llava, *batch([prompts[0]]), pv[:2]), gen(llava, *batch([prompts[1]]), pv[2:])]
         ids, mask = batch(prompts)
         both = gen(llava, ids, mask, pv)
@@ -286,7 +287,7 @@ def test_survivors_are_the_projected_selection(llava, method):
     rec = LMInputs(llava)
     try:
         run(llava, ids, mask, pv)
-        with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
+        with vlprune.pruned(llava, method, **budget(method, llava, ratio=0.75)) as h:
             run(llava, ids, mask, pv)
             kept = h.last[0].kept
     finally:
@@ -321,7 +322,7 @@ def test_forward_with_labels_shortens_labels(llava, method):
     ids, mask = batch([prompt()])
     labels = ids.clone()
     labels[ids == IMAGE_TOKEN] = -100
-    with vlprune.pruned(llava, method, **budget(method, ratio=0.75)) as h:
+    with vlprune.pruned(llava, method, **budget(method, llava, ratio=0.75)) as h:
         out = run(llava, ids, mask, pixels(1), labels=labels)
         keep = torch.ones_like(ids, dtype=torch.bool)
         image = (ids[0] == IMAGE_TOKEN).nonzero().flatten()
@@ -384,7 +385,7 @@ def test_threads_get_the_outputs_of_serial_calls(family_llava_hf, method):
         with torch.inference_mode():
             return model(**inp).logits
 
-    with vlprune.pruned(model, method, **budget(method, ratio=0.75)):
+    with vlprune.pruned(model, method, **budget(method, model, ratio=0.75)):
         serial = [call(inp) for inp in inputs]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             threaded = list(pool.map(call, inputs * 2))
@@ -401,7 +402,7 @@ def test_non_finite_pixels_give_a_clear_error_or_unique_tokens(family_llava_hf, 
     inp["pixel_values"] = inp["pixel_values"].clone()
     inp["pixel_values"][0, :, :8] = float("nan")
     inp["pixel_values"][1, :, -8:] = float("inf")
-    with vlprune.pruned(model, method, **budget(method, keep=8)) as h:
+    with vlprune.pruned(model, method, **budget(method, model, keep=8)) as h:
         try:
             family_llava_hf.forward(inp)
         except vlprune.VlpruneError as err:

@@ -272,7 +272,7 @@ def test_bf16(llava_path):
     with vlprune.pruned(model, "fastervlm", ratio=0.0):
         assert torch.equal(run(model, ids, mask, pv).logits, ref)
     for method in vlprune.methods():
-        with vlprune.pruned(model, method, **budget(method, ratio=0.75)) as h:
+        with vlprune.pruned(model, method, **budget(method, model, ratio=0.75)) as h:
             out = gen(model, ids, mask, pv, max_new_tokens=3)
             assert out.shape == (2, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids)
             assert all(r.after == expected_keep(method, 4) for r in h.last)

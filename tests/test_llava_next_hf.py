@@ -197,7 +197,7 @@ def test_lm_receives_the_budgeted_sequence_with_row_newlines(nxt, method):
         run(nxt, inp)
     finally:
         rec_full.close()
-    with vlprune.pruned(nxt, method, **budget(method, ratio=0.75)) as h:
+    with vlprune.pruned(nxt, method, **budget(method, nxt, ratio=0.75)) as h:
         rec = LMInputs(nxt, h._patcher.llm.k_layer if h.method.stage == "llm" else None)
         try:
             run(nxt, inp)
@@ -237,7 +237,7 @@ def test_lm_receives_the_budgeted_sequence_with_row_newlines(nxt, method):
 def test_generate_keeps_the_prompt_ids_contract(nxt, method):
     inp = inputs(["tall", "square"])
     ids = inp["input_ids"]
-    with vlprune.pruned(nxt, method, **budget(method, ratio=0.75)):
+    with vlprune.pruned(nxt, method, **budget(method, nxt, ratio=0.75)):
         out = gen(nxt, inp, max_new_tokens=4)
         assert out.shape == (2, ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
         assert torch.equal(gen(nxt, inp, max_new_tokens=4, return_dict_in_generate=True).sequences, out)
@@ -251,7 +251,7 @@ def test_batch_of_different_aspect_ratios_equals_single_runs(nxt, method, pair):
              for p in pair]
     texts[1] = "w1 " + texts[1].split(" ", 4)[-1]  # a shorter prompt: left padding
     parts = [inputs([p], [t], seed=i) for i, (p, t) in enumerate(zip(pair, texts))]
-    with vlprune.pruned(nxt, method, **budget(method, ratio=0.5)) as h:
+    with vlprune.pruned(nxt, method, **budget(method, nxt, ratio=0.5)) as h:
         singles, counts = [], []
         for part in parts:
             singles.append(gen(nxt, part))

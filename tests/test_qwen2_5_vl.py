@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from tiny import DEVICE, fail_if_left_patched, sharpen
+from tiny import DEVICE, fail_if_left_patched, learned_options, sharpen
 from vlprune.patches.qwen2_5_vl import Qwen2_5_VL, window_layout
 from vlprune.registry import get_method
 
@@ -115,9 +115,11 @@ def gen(model, batch, **kw):
 OPTIONS = {"hiprune": {"object_layer": 1}}
 
 
-def budget(method, **kw):
-    """The budget keywords a method takes (none if not budgeted), plus its options for the tiny tower."""
-    return {**(kw if get_method(method).budgeted else {}), **OPTIONS.get(method, {})}
+def budget(method, model=None, **kw):
+    """The budget keywords a method takes (none if not budgeted), plus its options for the tiny tower and,
+    given the model, a learned method's weights for it."""
+    learned = learned_options(model, method) if model is not None else {}
+    return {**(kw if get_method(method).budgeted else {}), **OPTIONS.get(method, {}), **learned}
 
 
 class LMInputs:
@@ -193,7 +195,7 @@ def test_token_counts_per_image_of_different_sizes(qwen, method):
     batch = inputs(("what is", [SQUARE], "a cat"), ("how many", [BIG], "red ?"))
     rec = LMInputs(qwen)
     try:
-        with vlprune.pruned(qwen, method, **budget(method, ratio=0.75)) as h:
+        with vlprune.pruned(qwen, method, **budget(method, qwen, ratio=0.75)) as h:
             run(qwen, batch)
     finally:
         rec.close()
@@ -237,7 +239,7 @@ def test_every_per_position_tensor_is_shortened_consistently(qwen, generating):
 def test_generate_keeps_output_contract(qwen, method):
     batch = inputs(TWO_SIZES[0])
     n = batch["input_ids"].shape[1]
-    with vlprune.pruned(qwen, method, **budget(method, ratio=0.75)):
+    with vlprune.pruned(qwen, method, **budget(method, qwen, ratio=0.75)):
         out = gen(qwen, batch, max_new_tokens=4)
         assert out.shape == (1, n + 4) and torch.equal(out[:, :n], batch["input_ids"])
         assert torch.equal(gen(qwen, batch, max_new_tokens=4, return_dict_in_generate=True).sequences, out)
@@ -248,7 +250,7 @@ def test_generate_keeps_output_contract(qwen, method):
 def test_batch_of_different_image_sizes_equals_single_runs(qwen, method):
     rows = TWO_SIZES + (("left right", [SQUARE, WIDE], "up ?"),)  # the third row holds two images
     batch = inputs(*rows)
-    with vlprune.pruned(qwen, method, **budget(method, ratio=0.5)) as h:
+    with vlprune.pruned(qwen, method, **budget(method, qwen, ratio=0.5)) as h:
         singles = [gen(qwen, inputs(row)) for row in rows]
         both = gen(qwen, batch)
         assert [(r.row, r.before) for r in h.last] == [(0, 16), (1, 15), (2, 16), (2, 15)]
@@ -266,7 +268,7 @@ def test_lm_receives_the_selected_merged_tokens(qwen, method):
     rec = LMInputs(qwen)
     try:
         run(qwen, batch)
-        with vlprune.pruned(qwen, method, **budget(method, ratio=0.75)) as h:
+        with vlprune.pruned(qwen, method, **budget(method, qwen, ratio=0.75)) as h:
             run(qwen, batch)
     finally:
         rec.close()
@@ -295,7 +297,7 @@ def test_lm_receives_the_selected_merged_tokens(qwen, method):
 def test_labels_are_shortened_with_the_sequence(qwen, method):
     batch = inputs(TWO_SIZES[0])
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMG, -100)
-    with vlprune.pruned(qwen, method, **budget(method, ratio=0.75)) as h:
+    with vlprune.pruned(qwen, method, **budget(method, qwen, ratio=0.75)) as h:
         out = run(qwen, batch, labels=labels)
     short = labels[_kept_columns(batch, h.last)].view(1, -1)  # also for "llm": the positions the head sees
     assert out.logits.shape[1] == short.shape[1]
@@ -322,7 +324,7 @@ def test_survivors_keep_their_original_mrope_positions(qwen, method):
     try:
         run(qwen, batch)
         gen(qwen, batch, max_new_tokens=2)
-        with vlprune.pruned(qwen, method, **budget(method, keep=5)) as h:
+        with vlprune.pruned(qwen, method, **budget(method, qwen, keep=5)) as h:
             run(qwen, batch)
             gen(qwen, batch, max_new_tokens=2)
     finally:
@@ -645,7 +647,7 @@ def test_bf16_runs_each_kind_of_method(qwen_path):
     with vlprune.pruned(model, "fastervlm", ratio=0.0):
         assert torch.equal(run(model, batch).logits, ref)
     for method in ("hiprune", "prumerge_plus", "flowcut", "fastv"):  # received, global token/keys, in-encoder, LM
-        with vlprune.pruned(model, method, **budget(method, ratio=0.75)):
+        with vlprune.pruned(model, method, **budget(method, model, ratio=0.75)):
             out = gen(model, batch, max_new_tokens=3)
             n = batch["input_ids"].shape[1]
             assert out.shape == (2, n + 3) and torch.equal(out[:, :n], batch["input_ids"])

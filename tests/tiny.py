@@ -103,3 +103,26 @@ def batch(prompts, pad_left=True):
 def pixels(n, size=IMAGE_SIZE, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g).to(DEVICE)
+
+
+_GATES: dict = {}
+
+
+def learned_options(model, method: str) -> dict:
+    """Options a learned method needs on a tiny model: weights made for it (fresh gates, kept for the
+    session) and, for dyvte, ``threshold=0`` so its tokens leave at the earliest layer like a fixed exit
+    (the gate itself is tested in test_method_dyvte.py)."""
+    if method != "dyvte":
+        return {}
+    import tempfile
+
+    from vlprune import learned
+    from vlprune.builtin_methods.dyvte import gate_tensors
+
+    base = learned.signature(model)
+    key = tuple(base[k] for k in learned.SIGNATURE)
+    if key not in _GATES:
+        layers = range(1, base["text_layers"])
+        gates = gate_tensors(base["text_hidden_size"], 16, layers, torch.Generator().manual_seed(0))
+        _GATES[key] = str(learned.save(tempfile.mkdtemp(prefix="vlprune-gates-"), "dyvte", base, gates))
+    return {"weights": _GATES[key], "threshold": 0.0}

@@ -35,6 +35,7 @@ class ImageRecord:
     scores: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     outliers: torch.Tensor | None = None
+    layer: int | None = None  # stage "llm": the decoder layer from which only ``kept`` remain (earlier: all)
 
     def __repr__(self) -> str:
         """Short: counts and the first kept indices, not every score (``print(handle.last)`` stays readable).
@@ -114,6 +115,10 @@ class Patcher:
                 raise VlpruneError(
                     f"method={method_cls.name!r} is not served on {type(model).__name__} ({type(self).__name__}): "
                     f"{verdict.removeprefix('no: ')}; methods served there: {', '.join(sorted(served))}")
+        if type(handle.method).learned:
+            from .learned import signature
+
+            handle.method.check_base(signature(model))
 
     # -- to implement -----------------------------------------------------------------------------
     def install(self) -> None:  # pragma: no cover - abstract

@@ -111,6 +111,7 @@ class Method:
     budgeted: ClassVar[bool] = True  # False: the method decides how much to drop (no ratio/keep)
     prunes: ClassVar[bool] = True  # False: a decoding method (damro); it may name a pruning method (``pruner()``)
     merges: ClassVar[bool] = False  # True: its outputs average several tokens (``Selection.tokens``)
+    learned: ClassVar[bool] = False  # True: it runs trained weights (``weights=PATH``; see vlprune.learned)
 
     @classmethod
     def create(cls, **options) -> "Method":
@@ -142,6 +143,16 @@ class Method:
     def llm_layer(self, depth: int) -> int:  # pragma: no cover - abstract
         """The decoder layer K of an LM ``depth`` layers deep from which the image tokens are cut."""
         raise NotImplementedError
+
+    def check_base(self, base: dict) -> None:
+        """Learned methods: a clear error when their weights were trained for another base model
+        (``base`` is :func:`vlprune.learned.signature` of the patched model)."""
+
+    def exit_votes(self, layer: int, text_mean: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
+        """None: the exit layer does not depend on the LM's state. Otherwise, per row (B,) bool: may the image
+        tokens leave before decoder ``layer`` (>= K), given the input of that layer at the prompt's text
+        tokens after the image (mean, (B, D); zeros where there are none) and at its last token (B, D)."""
+        return None
 
     def exit_threshold(self) -> float | None:
         """None: cut at K. A share of attention: cut at the first layer >= K where the prompt's last token

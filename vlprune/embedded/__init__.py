@@ -13,23 +13,23 @@ from pathlib import Path
 ASSET_NAME = "embedded"
 
 
-def asset_dir() -> Path:
-    """The shipped checkpoint: ``vlprune/assets/embedded`` when installed, ``<repo>/assets/embedded`` in a
-    source checkout (editable install)."""
+def asset_dir(name: str = ASSET_NAME) -> Path:
+    """A shipped checkpoint (default: the embedded model's): ``vlprune/assets/<name>`` when installed,
+    ``<repo>/assets/<name>`` in a source checkout (editable install)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "assets" / ASSET_NAME, here.parent.parent / "assets" / ASSET_NAME):
+    for candidate in (here.parent / "assets" / name, here.parent.parent / "assets" / name):
         if (candidate / "config.json").is_file():
             return candidate
     try:
         from importlib.resources import files
 
-        found = Path(str(files("vlprune.assets") / ASSET_NAME))
+        found = Path(str(files("vlprune.assets") / name))
         if (found / "config.json").is_file():
             return found
     except (ModuleNotFoundError, TypeError):
         pass
-    raise FileNotFoundError("the embedded model's checkpoint (assets/embedded) is not installed with this copy of "
-                            "vlprune; train one with `python -m vlprune.embedded.train`")
+    hint = "; train one with `python -m vlprune.embedded.train`" if name == ASSET_NAME else ""
+    raise FileNotFoundError(f"the checkpoint assets/{name} is not installed with this copy of vlprune{hint}")
 
 
 def load_embedded(path: str | Path | None = None, attn_implementation: str = "sdpa"):

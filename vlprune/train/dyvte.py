@@ -1,0 +1,229 @@
+"""Train DyVTE's exit gates on a frozen VLM (default: the embedded model and its training scenes).
+
+As in the released code, the base model is frozen and only the gates learn; the label of (prompt, layer)
+says whether dropping every image token before that layer leaves the answer as it was: the exited run's
+greedy tokens agree with the full run's on every answer token (teacher-forced on the reference answer)
+and its loss is below 1.03 x the full run's. The released code has no compute term beyond that label:
+the gate exits wherever exiting is harmless. Two phases, both resumable from ``--out``:
+
+1. labels: per chunk of prompts, one full forward (its hidden states are the gates' inputs) and one
+   forward per candidate layer under ``visual_exit`` - the same code path the trained gate will drive;
+   each chunk is saved as it completes;
+2. gates: one per layer, cross-entropy on those labels; a checkpoint after every epoch.
+
+It writes ``config.json`` + ``model.safetensors`` (``vlprune.patch(model, "dyvte", weights=OUT)``),
+``train.log`` and ``train_log.json`` (arguments, label rates and gate accuracy per layer, time).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import learned
+from ..builtin_methods.dyvte import gate_tensors
+
+LOSS_RATIO = 1.03  # the released label's loss margin (``--loss-ratio``)
+
+
+def examples(start: int, n: int, per_scene: int, seed: int) -> list[dict]:
+    """``n`` prompts from training scenes ``start..``: up to ``per_scene`` random questions of each."""
+    from ..embedded import scenes
+
+    rng = np.random.default_rng(seed)
+    out, i = [], start
+    while len(out) < n:
+        scene = scenes.train_scene(i)
+        image = scene.pil()
+        for j in rng.permutation(len(scene.qas))[:per_scene]:
+            qa = scene.qas[j]
+            out.append({"image": image, "question": qa.question, "answer": qa.answer})
+        i += 1
+    return out[:n]
+
+
+@torch.inference_mode()
+def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (B, len(layers), 2D) float32, labels (B, len(layers)) bool) for one chunk of prompts."""
+    import vlprune
+    from ..embedded import scenes
+
+    tok = processor.tokenizer
+    inputs = processor(images=[e["image"] for e in chunk], return_tensors="pt", padding=True,
+                       text=[f"{scenes.prompt(e['question'])} {e['answer']}" for e in chunk])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    b, length = ids.shape
+    eos = torch.full((b, 1), tok.eos_token_id)  # the answer ends with end-of-sequence, as the model was taught
+    inputs["input_ids"], inputs["attention_mask"] = torch.cat([ids, eos], 1), torch.cat([mask, torch.ones_like(eos)], 1)
+    ids, length = inputs["input_ids"], length + 1
+    n_answer = torch.tensor([len(tok(" " + e["answer"], add_special_tokens=False).input_ids) + 1 for e in chunk])
+    anchor = length - 1 - n_answer  # the prompt's last token (left padding: every row ends at the right)
+    image = ids == model.config.image_token_id
+    n_image = int(image.sum(1)[0])  # every prompt has one image: the exited sequence is this much shorter
+    targets = torch.arange(length).unsqueeze(0) > anchor.unsqueeze(1)  # answer tokens and end-of-sequence
+
+    full = model(**inputs, output_hidden_states=True)
+    pos = torch.arange(length)
+    text = (pos > torch.where(image, pos, -1).amax(1, keepdim=True)) & (pos < anchor.unsqueeze(1)) & ~image
+    text &= inputs["attention_mask"].bool()
+    feats = []
+    for layer in layers:  # the input of decoder layer `layer` (hidden_states[0] is the embeddings)
+        h = full.hidden_states[layer].float()
+        mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
+        feats.append(torch.cat([mean, h[torch.arange(b), anchor]], -1))
+
+    def scored(logits, shift):
+        """Per row: greedy tokens at the answer positions and the mean loss there (logits read ``shift``
+        positions earlier than the full sequence's: the exited run has no image positions)."""
+        rows, cols = targets.nonzero(as_tuple=True)
+        step = logits[rows, cols - 1 - shift].float()
+        loss = F.cross_entropy(step, ids[rows, cols], reduction="none")
+        per_row = torch.zeros(b).index_add_(0, rows, loss) / targets.sum(1)
+        return step.argmax(-1), rows, per_row
+
+    ref_tokens, rows, ref_loss = scored(full.logits, 0)
+    labels = []
+    for layer in layers:
+        with vlprune.pruned(model, "visual_exit", layer=layer):
+            out = model(**inputs)
+        tokens, _, loss = scored(out.logits, n_image)
+        agree = torch.zeros(b).index_add_(0, rows, (tokens != ref_tokens).float()) == 0
+        labels.append(agree & (loss < loss_ratio * ref_loss))
+    return torch.stack(feats, 1), torch.stack(labels, 1)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def eta(done: int, total: int, t0: float) -> str:
+    if done == 0:
+        return "?"
+    left = (time.time() - t0) / done * (total - done)
+    return f"{left / 60:.1f} min"
+
+
+def make_labels(model, processor, args, layers, log) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = args.out / "labels"
+    parts.mkdir(parents=True, exist_ok=True)
+    data = examples(args.start, args.examples, args.per_scene, args.seed)
+    chunks = range(0, len(data), args.chunk)
+    t0, fresh = time.time(), 0
+    feats, labels = [], []
+    for c, start in enumerate(chunks):
+        path = parts / f"part-{c:05d}.pt"
+        if path.is_file():  # a resumed run: this chunk was labelled before
+            part = torch.load(path)
+        else:
+            f, y = label_chunk(model, processor, data[start:start + args.chunk], layers, args.loss_ratio)
+            part = {"feats": f, "labels": y}
+            torch.save(part, path)
+            fresh += 1
+            if fresh % args.log_every == 0 or c == len(chunks) - 1:
+                log(f"labels: chunk {c + 1}/{len(chunks)}, exit-safe rate so far "
+                    f"{[round(r, 3) for r in torch.cat(labels + [y]).float().mean(0).tolist()]} (ETA {eta(fresh, len(chunks) - c - 1 + fresh, t0)})")
+        feats.append(part["feats"])
+        labels.append(part["labels"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_gates(feats, labels, layers, args, log) -> tuple[dict, dict]:
+    """Gates (one per layer) trained by cross-entropy on ``labels``; a held-out tenth measures them."""
+    gen = torch.Generator().manual_seed(args.seed)
+    n = len(feats)
+    order = torch.randperm(n, generator=gen)
+    val, tr = order[: n // 10], order[n // 10:]
+    width = feats.shape[-1] // 2
+    params = {k: v.requires_grad_() for k, v in gate_tensors(width, args.hidden or width // 2, layers, gen).items()}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
+    ckpt = args.out / "gates.pt"
+    epoch = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt)
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(state["params"][k])
+        opt.load_state_dict(state["opt"])
+        epoch = state["epoch"]
+        log(f"gates: resumed after epoch {epoch}")
+
+    def logits(x, j, layer):
+        return F.linear(F.gelu(F.linear(x[:, j], params[f"gates.{layer}.w1"])), params[f"gates.{layer}.w2"])
+
+    t0 = time.time()
+    for epoch in range(epoch, args.epochs):
+        perm = tr[torch.randperm(len(tr), generator=gen)]
+        for s in range(0, len(perm), args.batch):
+            idx = perm[s:s + args.batch]
+            loss = sum(F.cross_entropy(logits(feats[idx], j, layer), labels[idx, j].long()) for j, layer in enumerate(layers))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save({"params": {k: v.detach() for k, v in params.items()}, "opt": opt.state_dict(), "epoch": epoch + 1}, ckpt)
+        if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
+            with torch.no_grad():
+                acc = [(logits(feats[val], j, layer).argmax(-1) == labels[val, j].long()).float().mean().item()
+                       for j, layer in enumerate(layers)]
+            log(f"gates: epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} held-out accuracy per layer "
+                f"{[round(a, 3) for a in acc]} (ETA {eta(epoch + 1, args.epochs, t0)})")
+    with torch.no_grad():
+        stats = {}
+        for j, layer in enumerate(layers):
+            pred = logits(feats[val], j, layer).argmax(-1).bool()
+            truth = labels[val, j]
+            stats[str(layer)] = {"exit_safe_rate": round(labels[:, j].float().mean().item(), 4),
+                                 "val_accuracy": round((pred == truth).float().mean().item(), 4),
+                                 "val_predicted_exit_rate": round(pred.float().mean().item(), 4),
+                                 "val_unsafe_exits": round((pred & ~truth).float().mean().item(), 4)}
+    return {k: v.detach() for k, v in params.items()}, stats
+
+
+def add_arguments(ap):
+    ap.add_argument("--model", type=Path, default=None, help="the base checkpoint (default: the embedded model)")
+    ap.add_argument("--examples", type=int, default=3000, help="prompts to label")
+    ap.add_argument("--per-scene", type=int, default=4, help="questions asked of each training scene")
+    ap.add_argument("--start", type=int, default=20000,
+                    help="first training-stream scene (the embedded model was trained on the first 12,000)")
+    ap.add_argument("--chunk", type=int, default=32, help="prompts per labelling forward")
+    ap.add_argument("--loss-ratio", type=float, default=LOSS_RATIO,
+                    help="an exit is harmless only if its answer loss stays below this times the full run's")
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hidden", type=int, default=0, help="gate width (0: half the LM width, as released)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10, help="log every this many labelled chunks")
+
+
+def run(args) -> Path:
+    from ..embedded import load_embedded
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    log(f"dyvte: args {vars(args)}")
+    t0 = time.time()
+    model, processor = load_embedded(args.model)
+    depth = model.config.text_config.num_hidden_layers
+    layers = list(range(1, depth))  # a gate before every layer but the first: tokens may leave before it
+    feats, labels = make_labels(model, processor, args, layers, log)
+    label_minutes = (time.time() - t0) / 60
+    log(f"labels: {len(labels)} prompts in {label_minutes:.1f} min; exit-safe rate per layer {[round(r, 3) for r in labels.float().mean(0).tolist()]}")
+    params, stats = train_gates(feats, labels, layers, args, log)
+    info = {"trained": {"args": {k: str(v) for k, v in vars(args).items()}, "layers": stats,
+                        "prompts": len(labels), "minutes": round((time.time() - t0) / 60, 1),
+                        "torch": torch.__version__}}
+    learned.save(args.out, "dyvte", learned.signature(model), params, **info)
+    (args.out / "train_log.json").write_text(json.dumps(info["trained"], indent=1) + "\n")
+    log(f"wrote {args.out} after {info['trained']['minutes']} min: {stats}")
+    return args.out
