@@ -198,6 +198,24 @@ def measure(model, prefill, generate, args, geo) -> dict:
             "vision_tflops": flops["vision"] / 1e12, "llm_tflops": flops["llm"] / 1e12}
 
 
+def weights_option(method: str, weights: dict) -> dict:
+    return {"weights": weights[method]} if method in weights else {}
+
+
+def learned_unfit(model, method: str, weights: dict) -> str | None:
+    """Why a learned method cannot run on ``model`` (weights trained for another model), or None."""
+    cls = get_method(method)
+    if not cls.learned:
+        return None
+    from vlprune.learned import signature
+
+    try:
+        cls.create(**weights_option(method, weights)).check_base(signature(model))
+    except VlpruneError as e:
+        return f"its weights do not fit this model (pass --weights {method}=DIR trained for it): {e}"
+    return None
+
+
 def machine(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -233,6 +251,10 @@ def run(args) -> list[dict]:
         if verdict.startswith("no"):
             notes.append(f"`{method}` skipped: the {geo.model_class} patcher does not serve it ({verdict[3:].strip()})")
             continue
+        unfit = learned_unfit(model, method, args.weights)
+        if unfit:
+            notes.append(f"`{method}` skipped: {unfit}")
+            continue
         if verdict != "yes":
             notes.append(f"`{method}` on {geo.model_class}: {verdict}")
         methods.append(method)
@@ -252,7 +274,7 @@ def run(args) -> list[dict]:
             budget = {"keep": k} if get_method(method).budgeted else {}
             if not budget and k != args.keeps[0]:
                 continue  # not budgeted: one run is enough
-            with vlprune.pruned(model, method, **budget) as h:
+            with vlprune.pruned(model, method, **budget, **weights_option(method, args.weights)) as h:
                 stats = measure(model, plain, plain, args, geo)
                 stats["kept"] = h.last[0].after
             if budget and stats["kept"] != k:
@@ -362,6 +384,9 @@ def parse(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--methods", default=None, help="comma list (default: every registered method)")
+    p.add_argument("--weights", default="",
+                   help="METHOD=DIR,... weights of learned methods (default: those shipped, which fit only "
+                        "--geometry embedded; a learned method without fitting weights is skipped with a note)")
     p.add_argument("--keeps", default=None,
                    help="visual tokens kept per image, comma list (default per geometry: llava15 192,128,64; "
                         "llava-next 640,320,160; qwen2_5_vl 192,128,64; embedded 85,57,28)")
@@ -414,6 +439,12 @@ def _resolve(args) -> None:
     args.methods = (args.methods or ",".join(vlprune.methods())).split(",")
     for m in args.methods:
         get_method(m)  # unknown names fail before any model is built
+    pairs = [part.split("=", 1) for part in args.weights.split(",") if part]
+    if any(len(p) != 2 or not get_method(p[0]).learned for p in pairs):
+        learned = [m for m in vlprune.methods() if get_method(m).learned]
+        raise VlpruneError(f"--weights must be METHOD=DIR,... for learned methods ({', '.join(learned)}); "
+                           f"got {args.weights!r}")
+    args.weights = dict(pairs)
     if args.keeps is None:
         keeps = geo.default_keeps()
         args.keeps = keeps[-1:] if args.quick else keeps

@@ -169,7 +169,7 @@ def test_shipped_gates_are_the_default_on_the_embedded_model_and_vary_per_prompt
             with torch.inference_mode():
                 model.generate(**inputs, max_new_tokens=4, do_sample=False)
             layers.append(h.last[0].layer)
-    assert h.method._config["base"]["name"].startswith("embedded")
+    assert h.method.loaded()[1]["base"]["name"].startswith("embedded")
     assert len(set(layers)) >= 2, layers  # adaptive: not one fixed layer for every prompt
 
 
@@ -197,4 +197,52 @@ def test_train_cli_names_the_trainable_methods(capsys):
     from vlprune.train import main
 
     assert main(["atp", "--out", "x"]) == 2
-    assert "METHOD must be one of dyvte; got 'atp'" in capsys.readouterr().err
+    assert "METHOD must be one of dyvte, tokenflex; got 'atp'" in capsys.readouterr().err
+
+
+# -- training on any Hugging Face VLM from a JSONL of prompts (the recipe for real checkpoints) -----------------
+def test_training_a_hugging_face_checkpoint_from_jsonl(tmp_path):
+    import eval_tiny
+    import numpy as np
+    from PIL import Image
+
+    from vlprune.train import main
+
+    ckpt = eval_tiny.save_checkpoint(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        rows.append(json.dumps({"image": f"im{i}.png", "question": "what is here", "answer": "a dog" if i % 2 else "b"}))
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "gates"
+    args = ["dyvte", "--model", str(ckpt), "--data", str(tmp_path / "data.jsonl"), "--out", str(out),
+            "--examples", "6", "--chunk", "3", "--epochs", "2", "--batch", "4"]
+    assert main(args) == 0
+    config, tensors = learned.load(out, "dyvte")
+    assert config["trained"]["prompts"] == 6 and sorted(tensors) == ["gates.1.w1", "gates.1.w2"]  # 2 LM layers
+    assert all(v == v for v in config["trained"]["layers"]["1"].values())  # no NaN: a held-out prompt exists
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt)
+    vlprune.patch(model, "dyvte", weights=str(out)).remove()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--model", "x"], "--model other than the embedded one needs --data FILE.jsonl"),
+    (["--data", "missing.jsonl"], "--data 'missing.jsonl' is not a file"),
+])
+def test_bad_training_data_is_a_clear_error_before_the_model_loads(tmp_path, monkeypatch, extra, needle):
+    from vlprune.train import dyvte, main
+
+    monkeypatch.setattr(dyvte, "load_base", lambda args: pytest.fail("the model loaded before the data was checked"))
+    with pytest.raises(VlpruneError, match=needle):
+        main(["dyvte", "--out", str(tmp_path / "o"), *extra])
+
+
+def test_a_malformed_jsonl_row_names_its_line(tmp_path):
+    from vlprune.train.dyvte import read_jsonl
+
+    (tmp_path / "d.jsonl").write_text('{"image": "nope.png", "question": "q", "answer": "a"}\n')
+    with pytest.raises(VlpruneError, match=r"line 1: needs a JSON object with an openable 'image'"):
+        read_jsonl(tmp_path / "d.jsonl", 5)

@@ -11,11 +11,16 @@ import vlprune  # noqa: E402
 from vlprune.registry import get_method  # noqa: E402
 from vlprune.eval.flops import LengthRecorder, open_clip_vit_flops  # noqa: E402
 from vlprune.patches.open_clip import OpenClipViT, kept_tokens  # noqa: E402
+from tiny import learned_options  # noqa: E402
 
 N = 16  # patches of a tiny 32 px image with 8 px patches
 SERVED = sorted(m for m in vlprune.methods() if not OpenClipViT.support(get_method(m)).startswith("no"))
 # tiny towers have 4 blocks: keep every method's layers inside them
 OPTIONS = {"fastervlm": {"layer": 1}, "hiprune": {"object_layer": 1}}
+
+
+def options(model, method):
+    return {**OPTIONS.get(method, {}), **learned_options(model, method)}
 
 
 def tiny_clip(**vision):
@@ -61,11 +66,11 @@ def test_ratio_zero_and_remove_are_bit_identical(clip, method):
     x = images()
     before = encode(clip, x)
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in clip.modules()]
-    with vlprune.pruned(clip, method, ratio=0, **OPTIONS.get(method, {})) as h:
+    with vlprune.pruned(clip, method, ratio=0, **options(clip, method)) as h:
         assert torch.equal(encode(clip, x), before)
         assert [(r.before, r.after) for r in h.last] == [(N, N), (N, N)]
         assert torch.equal(kept_tokens(h)[1], torch.arange(N).expand(2, -1))
-    with vlprune.pruned(clip, method, ratio=0.75, **OPTIONS.get(method, {})) as h:
+    with vlprune.pruned(clip, method, ratio=0.75, **options(clip, method)) as h:
         pruned = encode(clip, x)
         after_last_block = getattr(h._patcher, "cut", 0) == 4  # prumerge_plus (layer=-1) only trims the tokens
     assert pruned.shape == before.shape and torch.equal(pruned, before) == after_last_block
@@ -102,7 +107,7 @@ def test_patching_the_clip_and_its_tower_replaces_never_stacks(clip):
 @pytest.mark.parametrize("given,k", [({"ratio": 0.75}, 4), ({"keep": 5}, 5)])
 def test_kept_counts_sorted_indices_and_tokens(clip, method, given, k):
     x = images()
-    with vlprune.pruned(clip, method, **given, **OPTIONS.get(method, {})) as h:
+    with vlprune.pruned(clip, method, **given, **options(clip, method)) as h:
         rec = LengthRecorder(clip.visual.transformer.resblocks)
         try:
             out = encode(clip, x)
@@ -253,7 +258,7 @@ def test_qk_norm_blocks_use_their_norms_in_the_row():
 @pytest.mark.parametrize("method", ["fastervlm", "flowcut", "visionzip", "pool"])
 def test_batch_of_two_equals_single_images(clip, method):
     x = images(seed=3)
-    with vlprune.pruned(clip, method, keep=5, **OPTIONS.get(method, {})) as h:
+    with vlprune.pruned(clip, method, keep=5, **options(clip, method)) as h:
         both = encode(clip, x)
         tok_both, kept_both = kept_tokens(h)
         singles, tok_single, kept_single = [], [], []

@@ -109,20 +109,39 @@ _GATES: dict = {}
 
 
 def learned_options(model, method: str) -> dict:
-    """Options a learned method needs on a tiny model: weights made for it (fresh gates, kept for the
-    session) and, for dyvte, ``threshold=0`` so its tokens leave at the earliest layer like a fixed exit
-    (the gate itself is tested in test_method_dyvte.py)."""
-    if method != "dyvte":
+    """Options a learned method needs on a tiny model: weights made for it (fresh, kept for the session)
+    and, for dyvte, ``threshold=0`` so its tokens leave at the earliest layer like a fixed exit (the gate
+    itself is tested in test_method_dyvte.py); tokenflex's block gets a non-zero output layer, so it is not
+    plain pooling."""
+    if method not in ("dyvte", "tokenflex"):
         return {}
     import tempfile
 
     from vlprune import learned
-    from vlprune.builtin_methods.dyvte import gate_tensors
 
     base = learned.signature(model)
-    key = tuple(base[k] for k in learned.SIGNATURE)
+    key = (method, *(base[k] for k in learned.SIGNATURE), feature_width(model))
     if key not in _GATES:
-        layers = range(1, base["text_layers"])
-        gates = gate_tensors(base["text_hidden_size"], 16, layers, torch.Generator().manual_seed(0))
-        _GATES[key] = str(learned.save(tempfile.mkdtemp(prefix="vlprune-gates-"), "dyvte", base, gates))
-    return {"weights": _GATES[key], "threshold": 0.0}
+        g = torch.Generator().manual_seed(0)
+        if method == "dyvte":
+            from vlprune.builtin_methods.dyvte import gate_tensors
+
+            tensors = gate_tensors(base["text_hidden_size"], 16, range(1, base["text_layers"]), g)
+        else:
+            from vlprune.builtin_methods.tokenflex import init_tensors
+
+            tensors = init_tensors(feature_width(model), 16, g)
+            tensors["down.weight"] = torch.randn(tensors["down.weight"].shape, generator=g) * 0.1
+        _GATES[key] = str(learned.save(tempfile.mkdtemp(prefix=f"vlprune-{method}-"), method, base, tensors))
+    return {"weights": _GATES[key], **({"threshold": 0.0} if method == "dyvte" else {})}
+
+
+def feature_width(model) -> int:
+    """The width of the features an encoder-stage method sees on this model."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:  # open_clip: the tower's block outputs
+        return model.visual.transformer.width
+    vision = getattr(cfg, "vision_config", None)
+    if vision is None:  # the original LLaVA code
+        return cfg.mm_hidden_size
+    return getattr(vision, "out_hidden_size", None) or vision.hidden_size

@@ -9,6 +9,7 @@ default on it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,13 +22,14 @@ SIGNATURE = ("text_layers", "text_hidden_size", "vocab_size")
 
 
 def signature(model) -> dict:
-    """The shape of ``model``'s language model, as learned weights record it (plus its name, for messages)."""
-    cfg = model.config
+    """The shape of ``model``'s language model, as learned weights record it (plus its name, for messages).
+    A model with no language model (an open_clip tower) has None for each field."""
+    cfg = getattr(model, "config", None)
     text = getattr(cfg, "text_config", cfg)
     name = getattr(cfg, "_name_or_path", "") or type(model).__name__
     return {"name": Path(name).name if Path(name).is_absolute() else name,
-            "text_layers": text.num_hidden_layers, "text_hidden_size": text.hidden_size,
-            "vocab_size": text.vocab_size}
+            "text_layers": getattr(text, "num_hidden_layers", None),
+            "text_hidden_size": getattr(text, "hidden_size", None), "vocab_size": getattr(text, "vocab_size", None)}
 
 
 def shipped(method: str) -> Path:
@@ -82,3 +84,30 @@ def check_base(config: dict, model_signature: dict, method: str, weights) -> Non
                            f"{base.get('name') or 'another model'!r}, which differs from this model "
                            f"({model_signature['name']!r}) in {', '.join(wrong)}; train weights for it with "
                            f"`vlprune-train {method}`")
+
+
+class Weighted:
+    """The ``weights`` option of a learned method (a dataclass field): its type checked when the method is
+    created, the folder loaded once at ``patch()`` (``check_base``) - the shipped one when left out."""
+
+    def _check_weights(self) -> None:
+        if not isinstance(self.weights, (str, os.PathLike, type(None))):
+            raise VlpruneError(f"weights must be a path to a folder or None for method={self.name!r}; "
+                               f"got weights={self.weights!r}")
+        self._loaded = None  # not when support() or create() asks: patching loads them
+
+    def loaded(self) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+        """(folder, config, tensors) of the weights."""
+        if self._loaded is None:
+            folder = self.weights if self.weights is not None else shipped(self.name)
+            self._loaded = (folder, *load(folder, self.name))
+        return self._loaded
+
+    def check_base(self, base: dict) -> None:
+        folder, config, _ = self.loaded()
+        check_base(config, base, self.name, folder)
+
+    def options(self) -> dict:
+        out = super().options()
+        out["weights"] = None if self.weights is None else str(self.weights)
+        return out

@@ -31,7 +31,7 @@ from .base import Method, Selection
 
 @register_method("dyvte")
 @dataclass
-class DyVTE(Method):
+class DyVTE(learned.Weighted, Method):
     summary = "inside the LLM: a learned gate on the text tokens decides at which layer all image tokens leave"
     released_code = "`DoubtedSteam/DyVTE` @ b4a3396"
     released = "the gate, its input and its training labels as released; differs: in a batch the tokens leave where every row votes exit (the code runs one prompt at a time; no option); `threshold` and the earliest `layer` are options whose defaults are the code's"
@@ -43,27 +43,20 @@ class DyVTE(Method):
     layer: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.weights, (str, os.PathLike, type(None))):
-            raise VlpruneError(f"weights must be a path to a folder or None for method='dyvte'; got weights={self.weights!r}")
+        self._check_weights()
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0.0 <= self.threshold < 1.0:
             raise VlpruneError(f"threshold must be a number in [0, 1) (the exit probability a row's vote needs; "
                                f"0: always exit at the earliest layer); got threshold={self.threshold!r}")
-        self._config = None  # the weights load at patch time (check_base), not when support() asks
+        self._gates = None
 
     def _load(self):
-        if self._config is None:
-            folder = self.weights if self.weights is not None else learned.shipped("dyvte")
-            config, tensors = learned.load(folder, "dyvte")
+        if self._gates is None:
             gates = {}
-            for name, t in tensors.items():
+            for name, t in self.loaded()[2].items():
                 layer, part = name.split(".")[1:]
                 gates.setdefault(int(layer), {})[part] = t.float()
-            self._folder, self._gates, self._on, self._config = folder, gates, {}, config
-        return self._config
-
-    def check_base(self, base: dict) -> None:
-        learned.check_base(self._load(), base, "dyvte", self._folder)
+            self._gates, self._on = gates, {}
 
     def llm_layer(self, depth: int) -> int:
         return 1 if self.layer is None else self.layer
@@ -83,11 +76,6 @@ class DyVTE(Method):
         if key not in self._on:
             self._on[key] = tuple(self._gates[layer][p].to(device) for p in ("w1", "w2"))
         return self._on[key]
-
-    def options(self) -> dict:
-        out = super().options()
-        out["weights"] = None if self.weights is None else str(self.weights)
-        return out
 
     def select(self, tokens, k, ctx) -> Selection:  # pragma: no cover - the exit keeps nothing
         raise VlpruneError("dyvte keeps no image token once they exit; its patcher drops them all")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 #: trainable method -> its training module
-TRAINERS = {"dyvte": "vlprune.train.dyvte"}
+TRAINERS = {"dyvte": "vlprune.train.dyvte", "tokenflex": "vlprune.train.tokenflex"}
 
 
 def main(argv=None):
@@ -36,3 +37,24 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     module.run(args)
     return 0
+
+
+class Log:
+    """Progress lines, timestamped, to stdout and appended to a training folder's ``train.log``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def eta(done: int, total: int, t0: float) -> str:
+    """Minutes left when ``done`` of ``total`` units took the time since ``t0``."""
+    if done == 0:
+        return "?"
+    left = (time.time() - t0) / done * (total - done)
+    return f"{left / 60:.1f} min"

@@ -1,4 +1,5 @@
-"""Train DyVTE's exit gates on a frozen VLM (default: the embedded model and its training scenes).
+"""Train DyVTE's exit gates on a frozen VLM (default: the embedded model and its training scenes; any
+Hugging Face VLM with ``--model`` and prompts from ``--data FILE.jsonl``).
 
 As in the released code, the base model is frozen and only the gates learn; the label of (prompt, layer)
 says whether dropping every image token before that layer leaves the answer as it was: the exited run's
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import learned
 from ..builtin_methods.dyvte import gate_tensors
+from . import Log, eta
 
 LOSS_RATIO = 1.03  # the released label's loss margin (``--loss-ratio``)
 
@@ -46,35 +48,44 @@ def examples(start: int, n: int, per_scene: int, seed: int) -> list[dict]:
     return out[:n]
 
 
+def prompt_text(processor, question: str) -> str:
+    """One image and ``question`` in the model's own chat wording (the embedded model's template gives
+    ``scenes.prompt``; LLaVA-1.5's the same USER/ASSISTANT turn)."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True)
+
+
 @torch.inference_mode()
 def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (B, len(layers), 2D) float32, labels (B, len(layers)) bool) for one chunk of prompts."""
     import vlprune
-    from ..embedded import scenes
 
-    tok = processor.tokenizer
-    inputs = processor(images=[e["image"] for e in chunk], return_tensors="pt", padding=True,
-                       text=[f"{scenes.prompt(e['question'])} {e['answer']}" for e in chunk])
+    tok, dev = processor.tokenizer, model.device
+    images, prompts = [e["image"] for e in chunk], [prompt_text(processor, e["question"]) for e in chunk]
+    inputs = processor(images=images, text=[f"{p} {e['answer']}" for p, e in zip(prompts, chunk)],
+                       return_tensors="pt", padding=True)
+    prompt_lengths = processor(images=images, text=prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     b, length = ids.shape
+    n_answer = mask.sum(1) - prompt_lengths + 1  # the answer's tokens and the end-of-sequence appended next
     eos = torch.full((b, 1), tok.eos_token_id)  # the answer ends with end-of-sequence, as the model was taught
     inputs["input_ids"], inputs["attention_mask"] = torch.cat([ids, eos], 1), torch.cat([mask, torch.ones_like(eos)], 1)
-    ids, length = inputs["input_ids"], length + 1
-    n_answer = torch.tensor([len(tok(" " + e["answer"], add_special_tokens=False).input_ids) + 1 for e in chunk])
+    inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
+    ids, length, n_answer = inputs["input_ids"], length + 1, n_answer.to(dev)
     anchor = length - 1 - n_answer  # the prompt's last token (left padding: every row ends at the right)
     image = ids == model.config.image_token_id
     n_image = int(image.sum(1)[0])  # every prompt has one image: the exited sequence is this much shorter
-    targets = torch.arange(length).unsqueeze(0) > anchor.unsqueeze(1)  # answer tokens and end-of-sequence
+    pos = torch.arange(length, device=dev)
+    targets = pos.unsqueeze(0) > anchor.unsqueeze(1)  # answer tokens and end-of-sequence
 
     full = model(**inputs, output_hidden_states=True)
-    pos = torch.arange(length)
     text = (pos > torch.where(image, pos, -1).amax(1, keepdim=True)) & (pos < anchor.unsqueeze(1)) & ~image
     text &= inputs["attention_mask"].bool()
     feats = []
     for layer in layers:  # the input of decoder layer `layer` (hidden_states[0] is the embeddings)
         h = full.hidden_states[layer].float()
         mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        feats.append(torch.cat([mean, h[torch.arange(b), anchor]], -1))
+        feats.append(torch.cat([mean, h[torch.arange(b, device=dev), anchor]], -1).cpu())
 
     def scored(logits, shift):
         """Per row: greedy tokens at the answer positions and the mean loss there (logits read ``shift``
@@ -82,7 +93,7 @@ def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO)
         rows, cols = targets.nonzero(as_tuple=True)
         step = logits[rows, cols - 1 - shift].float()
         loss = F.cross_entropy(step, ids[rows, cols], reduction="none")
-        per_row = torch.zeros(b).index_add_(0, rows, loss) / targets.sum(1)
+        per_row = torch.zeros(b, device=dev).index_add_(0, rows, loss) / targets.sum(1)
         return step.argmax(-1), rows, per_row
 
     ref_tokens, rows, ref_loss = scored(full.logits, 0)
@@ -91,33 +102,14 @@ def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO)
         with vlprune.pruned(model, "visual_exit", layer=layer):
             out = model(**inputs)
         tokens, _, loss = scored(out.logits, n_image)
-        agree = torch.zeros(b).index_add_(0, rows, (tokens != ref_tokens).float()) == 0
-        labels.append(agree & (loss < loss_ratio * ref_loss))
+        agree = torch.zeros(b, device=dev).index_add_(0, rows, (tokens != ref_tokens).float()) == 0
+        labels.append((agree & (loss < loss_ratio * ref_loss)).cpu())
     return torch.stack(feats, 1), torch.stack(labels, 1)
 
 
-class Log:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, msg: str):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-
-
-def eta(done: int, total: int, t0: float) -> str:
-    if done == 0:
-        return "?"
-    left = (time.time() - t0) / done * (total - done)
-    return f"{left / 60:.1f} min"
-
-
-def make_labels(model, processor, args, layers, log) -> tuple[torch.Tensor, torch.Tensor]:
+def make_labels(model, processor, data, args, layers, log) -> tuple[torch.Tensor, torch.Tensor]:
     parts = args.out / "labels"
     parts.mkdir(parents=True, exist_ok=True)
-    data = examples(args.start, args.examples, args.per_scene, args.seed)
     chunks = range(0, len(data), args.chunk)
     t0, fresh = time.time(), 0
     feats, labels = [], []
@@ -143,7 +135,8 @@ def train_gates(feats, labels, layers, args, log) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(args.seed)
     n = len(feats)
     order = torch.randperm(n, generator=gen)
-    val, tr = order[: n // 10], order[n // 10:]
+    n_val = max(1, n // 10) if n > 1 else 0  # a held-out tenth (at least one prompt)
+    val, tr = order[:n_val], order[n_val:]
     width = feats.shape[-1] // 2
     params = {k: v.requires_grad_() for k, v in gate_tensors(width, args.hidden or width // 2, layers, gen).items()}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
@@ -189,8 +182,51 @@ def train_gates(feats, labels, layers, args, log) -> tuple[dict, dict]:
     return {k: v.detach() for k, v in params.items()}, stats
 
 
+def read_jsonl(path: Path, n: int) -> list[dict]:
+    """The first ``n`` prompts of a JSONL file of {"image": path (relative to the file), "question", "answer"}."""
+    from PIL import Image
+
+    from ..errors import VlpruneError
+
+    if not path.is_file():
+        raise VlpruneError(f"--data {str(path)!r} is not a file (JSONL: one {{\"image\", \"question\", \"answer\"}} per line)")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if len(out) == n:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image = Image.open(path.parent / row["image"]).convert("RGB")
+            out.append({"image": image, "question": str(row["question"]), "answer": str(row["answer"])})
+        except (json.JSONDecodeError, KeyError, TypeError, OSError) as e:
+            raise VlpruneError(f"--data {str(path)!r} line {i}: needs a JSON object with an openable 'image' "
+                               f"path and 'question' and 'answer' strings ({type(e).__name__}: {e})") from None
+    return out
+
+
+def load_base(args):
+    """(model, processor): the embedded model, or ``--model`` (a Hugging Face VLM id or folder) on ``--device``."""
+    if args.model is None:
+        from ..embedded import load_embedded
+
+        return load_embedded()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"  # every prompt ends where its answer starts, at the right
+    return model.to(args.device).eval(), processor
+
+
 def add_arguments(ap):
-    ap.add_argument("--model", type=Path, default=None, help="the base checkpoint (default: the embedded model)")
+    ap.add_argument("--model", default=None,
+                    help="a Hugging Face VLM (hub id or folder; needs --data) - default: the embedded model")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="JSONL of {\"image\": path, \"question\", \"answer\"} (default: the embedded model's scenes)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--examples", type=int, default=3000, help="prompts to label")
     ap.add_argument("--per-scene", type=int, default=4, help="questions asked of each training scene")
     ap.add_argument("--start", type=int, default=20000,
@@ -207,16 +243,20 @@ def add_arguments(ap):
 
 
 def run(args) -> Path:
-    from ..embedded import load_embedded
+    from ..errors import VlpruneError
 
+    if args.model is not None and args.data is None:
+        raise VlpruneError("--model other than the embedded one needs --data FILE.jsonl (the synthetic scenes are "
+                           "the embedded model's task)")
+    t0 = time.time()
+    data = read_jsonl(args.data, args.examples) if args.data else examples(args.start, args.examples, args.per_scene, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train.log")
     log(f"dyvte: args {vars(args)}")
-    t0 = time.time()
-    model, processor = load_embedded(args.model)
+    model, processor = load_base(args)
     depth = model.config.text_config.num_hidden_layers
     layers = list(range(1, depth))  # a gate before every layer but the first: tokens may leave before it
-    feats, labels = make_labels(model, processor, args, layers, log)
+    feats, labels = make_labels(model, processor, data, args, layers, log)
     label_minutes = (time.time() - t0) / 60
     log(f"labels: {len(labels)} prompts in {label_minutes:.1f} min; exit-safe rate per layer {[round(r, 3) for r in labels.float().mean(0).tolist()]}")
     params, stats = train_gates(feats, labels, layers, args, log)
