@@ -230,6 +230,7 @@ class Run:
     answer: str = ""
     visual: tuple[int, int] | None = None  # visual tokens (before, after) of the image
     layer: int | None = None  # methods inside the LM: the decoder layer from which only ``after`` remain
+    counts: dict[int, int] | None = None  # methods that drop at several LM layers: tokens from each on
     lm_tokens: int | None = None  # positions the LM prefilled (prompt text + visual tokens)
     prefill_ms: float | None = None
     speedup: float | None = None
@@ -326,7 +327,7 @@ class Engine:
             if not records:
                 raise RuntimeError(f"method {method!r} left no record of the image")
             rec = records[0]
-            run.visual, run.layer = (int(rec.before), int(rec.after)), rec.layer
+            run.visual, run.layer, run.counts = (int(rec.before), int(rec.after)), rec.layer, rec.counts
             grid = inputs["image_grid_thw"][0].tolist() if self.is_qwen else None
             run.panels = panels_for(rec, image.size, getattr(self.processor, "image_processor", None), grid)
         except vlprune.VlpruneError as e:
@@ -505,7 +506,9 @@ def render(comparison: Comparison, image: Image.Image, expected: str = ""):
             rows.append(f"| {name} | error: {_cell(r.error)} | | | | |")
             continue
         tokens = (n or "") if r.method is None else f"{r.visual[0]} → {r.visual[1]}"
-        if r.layer is not None:  # inside the LM: the earlier decoder layers saw every visual token
+        if r.counts:  # several drops inside the LM: each layer's count
+            tokens = f"{r.visual[0]} → " + " → ".join(f"{c} (LM layer {k})" for k, c in r.counts.items())
+        elif r.layer is not None:  # inside the LM: the earlier decoder layers saw every visual token
             tokens += f" from LM layer {r.layer}"
         speed = "1.00×" if r.method is None else f"{r.speedup:.2f}×" if r.speedup else ""
         rows.append(f"| {name} | **{_cell(r.answer) or '(empty)'}**{_mark(ok)} | {tokens} | {r.lm_tokens} | "
@@ -531,6 +534,7 @@ def render(comparison: Comparison, image: Image.Image, expected: str = ""):
                   "answer": r.answer, "correct": ok, "error": r.error,
                   "visual_before": r.visual[0] if r.visual else n, "visual_after": r.visual[1] if r.visual else n,
                   "visual_from_layer": r.layer,
+                  "visual_per_layer": None if not r.counts else {str(k): c for k, c in r.counts.items()},
                   "lm_tokens": r.lm_tokens, "prefill_ms": r.prefill_ms, "speedup": r.speedup, "noisy": r.noisy,
                   "grids": [list(p.grid) for p in r.panels], "kept": [list(p.kept) for p in r.panels],
                   "merged": [[list(g) for g in p.merged] for p in r.panels]} for r, ok in zip(runs, correct)],

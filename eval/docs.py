@@ -45,6 +45,7 @@ REPORTED = {
     "prumerge_plus": "256: 97.6 %, 128: 94.4 %, 64: 90.7 % (8 benchmarks; [3rd] computed from the VTC-CLS README figure)",
     "divprune": "LLaVA-NeXT-7B 640: 97.4 %, 320: 95.6 %, 160: 93.4 % (5 benchmarks; [3rd] HiPrune paper)",
     "dyvte": "up to 45.7 % less computation without accuracy loss (DyVTE paper)",
+    "atp": "75 % fewer visual tokens on average, 1.9 % average loss on seven benchmarks (ATP-LLaVA paper)",
     "tokenflex": "+1.6 / +1.0 / +0.4 % at 64 / 144 / 256 tokens over models trained at one count (8 benchmarks, its own base VLM; TokenFLEX paper)",
     "visual_exit": "learned exit (DyVTE): up to 45.7 % less computation on LLaVA-1.5 without accuracy loss (arXiv 2411.19628); training-free form: not reported",
 }

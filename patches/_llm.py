@@ -16,6 +16,11 @@ in one batched ``select`` per group of images of the same size, grid and k.
 Rows of a batch must keep equally many positions. With ``ragged=True`` they may differ: a shorter row
 also keeps some of its dropped positions as fillers that no other position may attend to (their key
 columns are masked at every later layer and decode step), so rows share one length.
+
+A method with a plan (``llm_plan``: ATP-LLaVA) drops at several layers, each image as many tokens as the
+method decides from the attention its tokens received at the layer before (``image_attention`` /
+``text_attention``); every drop composes with the earlier ones, and each layer's KV cache keeps the
+columns it saw. Plans always run ragged.
 """
 from __future__ import annotations
 
@@ -30,8 +35,11 @@ import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Context, Method, Signal
+from vlprune.builtin_methods.dyvte import text_state
 from vlprune.patcher import ImageRecord
 from vlprune.sequence import is_right_padded
+
+CHUNK = 256  # query rows per step when a plan reads attention received (never L x L x heads at once)
 
 
 def gather_seq(t: torch.Tensor, cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -62,6 +70,14 @@ def _hide(mask, filler, q_len: int, kv: int):
     if mask.dtype == torch.bool:
         return mask & ~hide
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+def _mark(keep, rows, cols, on):
+    """``keep`` (B, L) with ``keep[rows, cols] |= on`` (same-shaped index tensors; no host sync, and an
+    index pair repeated with ``on`` False leaves its entry as it was)."""
+    flat = (rows * keep.shape[1] + cols).flatten()
+    out = keep.to(torch.int8).flatten().scatter_reduce(0, flat, on.flatten().to(torch.int8), "amax")
+    return out.view(keep.shape).bool()
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,15 @@ class LLMPruning:
     """
 
     def __init__(self, patcher, layers, method, ragged: bool = False):
-        self.ragged = ragged  # rows may keep different counts (masked fillers even them out)
         n = len(layers)
+        plan = method.llm_plan(n)
+        self.plan = None if plan is None else list(plan)
+        self.ragged = ragged or plan is not None  # rows may keep different counts (masked fillers even them out)
+        if plan is not None and (not plan or any(not isinstance(i, int) or not 1 <= i < n for i in plan)
+                                 or sorted(set(plan)) != list(plan)):
+            raise VlpruneError(f"method={method.name!r} plans drops before decoder layers {plan!r}, which do not fit "
+                               f"a {n}-layer LM (allowed: ascending layers in 1..{n - 1}); weights trained for "
+                               "another model?")
         k_layer = method.llm_layer(n)
         if not isinstance(k_layer, int) or not 1 <= k_layer < n:
             raise VlpruneError(f"layer={k_layer!r} is out of range for method={method.name!r} on a {n}-layer LM "
@@ -109,7 +132,10 @@ class LLMPruning:
         self.sessions = weakref.WeakKeyDictionary()
         ledger = patcher.ledger
         self.rope = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
-        watched = [k_layer - 1] if self.fixed else range(k_layer - 1, n - 1)
+        if self.plan is not None:
+            watched = [i - 1 for i in self.plan]
+        else:
+            watched = [k_layer - 1] if self.fixed else range(k_layer - 1, n - 1)
         for idx in watched:  # layers whose anchor attention row decides at the next layer
             attn = layers[idx].self_attn
             ledger.hook(attn.register_forward_pre_hook(functools.partial(self._grab_kwargs, idx), with_kwargs=True))
@@ -122,7 +148,7 @@ class LLMPruning:
     # -- per call ---------------------------------------------------------------------------------
     def begin(self, image_mask, images: list[LLMImage], anchor, valid=None):
         self.pending = {"image_mask": image_mask, "images": images, "anchor": anchor, "valid": valid, "cols": None,
-                        "exit": None}
+                        "filler": None, "exit": None, "counts": [{} for _ in images]}
 
     def end(self):
         self.pending = None
@@ -156,7 +182,9 @@ class LLMPruning:
         return out
 
     def _watching(self, idx) -> bool:
-        return self.pending is not None and self.pending["cols"] is None
+        if self.pending is None:
+            return False
+        return idx + 1 in self.plan if self.plan is not None else self.pending["cols"] is None
 
     # -- layer before the exit: the anchor token's attention row ----------------------------------
     def _grab_kwargs(self, idx, _module, _args, kwargs):
@@ -177,6 +205,9 @@ class LLMPruning:
         k = output.view(b, length, -1, attn.head_dim).transpose(1, 2)
         cos, sin = p.pop("rope")
         q, k = self.rope(q, k, cos, sin)
+        if self.plan is not None:
+            p["received"] = self._received(q, k, p.pop("mask"), attn.scaling)
+            return
         rows = torch.arange(b, device=q.device)
         q_last = q[rows, :, p["anchor"]].unsqueeze(2).float()  # (B, H, 1, d)
         k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -187,12 +218,62 @@ class LLMPruning:
             logits = _bool_or_additive(row[..., -length:], logits)
         p["attention"] = torch.softmax(logits, dim=-1)
 
+    def _received(self, q, k, mask, scaling):
+        """(image, text): (images, H, L) the attention each key receives, averaged over the image's own
+        tokens still in and over the prompt's text after it (to its last token), from roped q/k (B, H, L, d)."""
+        b, heads, length, _ = q.shape
+        own, text, rows = self._query_weights(length)
+        k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+        image_in = torch.zeros(len(rows), heads, length, device=q.device)
+        text_in = torch.zeros_like(image_in)
+        if isinstance(mask, dict):
+            mask = None
+        for a in range(0, length, CHUNK):
+            logits = (q[:, :, a:a + CHUNK].float() @ k.transpose(-1, -2)) * scaling  # (B, H, c, L)
+            if mask is None:
+                own_col = torch.arange(a, a + logits.shape[2], device=q.device).unsqueeze(1)
+                logits = logits.masked_fill(torch.arange(length, device=q.device) > own_col, float("-inf"))
+            else:
+                logits = _bool_or_additive(mask.expand(b, *mask.shape[1:])[..., a:a + CHUNK, -length:], logits)
+            att = torch.softmax(logits, dim=-1).nan_to_num(0.0)[rows]  # fully masked padding rows: no weight
+            image_in += torch.einsum("iq,ihqk->ihk", own[:, a:a + CHUNK], att)
+            text_in += torch.einsum("iq,ihqk->ihk", text[:, a:a + CHUNK], att)
+        return image_in, text_in
+
+    def _query_weights(self, length):
+        """(own, text) (images, L) query weights over the current sequence, each row summing to 1 (or 0),
+        and each image's batch row."""
+        p = self.pending
+        mask, images = p["image_mask"], p["images"]
+        dev, full = mask.device, mask.shape[1]
+        orig = p["cols"] if p["cols"] is not None else torch.arange(full, device=dev).expand(mask.shape[0], -1)
+        real = torch.ones_like(orig, dtype=torch.bool) if p["filler"] is None else ~p["filler"]
+        rows = torch.tensor([im.row for im in images], device=dev)
+        pos = torch.arange(full, device=dev)
+        member = torch.zeros(len(images), full, dtype=torch.bool, device=dev)
+        for i, im in enumerate(images):
+            member[i, im.places[:, 1]] = True
+        last = torch.where(member, pos, -1).amax(1, keepdim=True)
+        text = (pos > last) & (pos <= p["anchor"][rows].unsqueeze(1)) & ~mask[rows]
+        if p["valid"] is not None:
+            text &= p["valid"][rows]
+        weights = []
+        for w in (member, text):
+            w = (w.gather(1, orig[rows]) & real[rows]).float()
+            weights.append(w / w.sum(1, keepdim=True).clamp(min=1))
+        return weights[0], weights[1], rows
+
     # -- layers >= K: drop, then keep every layer's inputs consistent ------------------------------
     def _select(self, hidden, idx):
+        """Positions (B, L') of the current sequence that go on; updates the call's columns (original
+        positions), fillers and records."""
         p = self.pending
-        if "attention" not in p:
+        if self.plan is not None:
+            keep, records = self._choose_plan(hidden, idx)
+        elif "attention" not in p:
             raise RuntimeError("the attention row of the anchor token was not captured at layer K-1")
-        keep, records = self._choose(hidden, p.pop("attention"))
+        else:
+            keep, records = self._choose(hidden, p.pop("attention"))
         counts = keep.sum(1)
         sizes = counts.tolist()  # host sync: the survivors' count is the shape of every later layer
         width = max(sizes)
@@ -207,12 +288,53 @@ class LLMPruning:
             dropped = ~keep  # a shorter row keeps its first dropped positions, masked, as fillers
             filler = dropped & (dropped.long().cumsum(1) <= (width - counts).unsqueeze(1))
             keep = keep | filler
-        p["cols"] = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept, in order
-        p["filler"] = None if filler is None else filler.gather(1, p["cols"])
+        local = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept, in order
+        p["cols"] = local if p["cols"] is None else p["cols"].gather(1, local)
+        p["filler"] = None if filler is None else filler.gather(1, local)
         for record in records:
             record.layer = idx
         self.patcher.handle.last = records
-        return p["cols"]
+        return local
+
+    def _choose_plan(self, hidden, idx):
+        """A plan's drop before layer ``idx``: (keep mask (B, L') over the current sequence, image records).
+        Images of one size and grid decide in one batched ``llm_keep``."""
+        p = self.pending
+        image_in, text_in = p.pop("received")
+        images, mask = p["images"], p["image_mask"]
+        b, length = hidden.shape[:2]
+        current = torch.full_like(mask, -1, dtype=torch.long)  # original position -> current one (-1: gone)
+        orig = p["cols"] if p["cols"] is not None else torch.arange(length, device=mask.device).expand(b, -1)
+        real = torch.ones_like(orig, dtype=torch.bool) if p["filler"] is None else ~p["filler"]
+        current.scatter_(1, orig, torch.where(real, torch.arange(length, device=mask.device), -1).expand(b, -1))
+        keep = ~mask.gather(1, orig) & real
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault((len(image.places), image.grid), []).append(i)
+        records = [None] * len(images)
+        for (n, grid), members in groups.items():
+            places = torch.stack([images[i].places for i in members])  # (I, N, 2)
+            rows = places[..., 0]
+            cols = current[rows, places[..., 1]]  # (I, N)
+            alive = cols >= 0
+            at = cols.clamp(min=0)
+            heads = image_in.shape[1]
+            signals = {Signal(kind, idx - 1): t[members].gather(2, at.unsqueeze(1).expand(-1, heads, -1))
+                       * alive.unsqueeze(1) for kind, t in (("image_attention", image_in), ("text_attention", text_in))}
+            tokens = hidden[rows, at] * alive.unsqueeze(-1)
+            kept, scores = self.method.llm_keep(idx, tokens, Context(grid=grid, signals=signals, alive=alive))
+            kept = kept & alive
+            keep = _mark(keep, rows, at, kept)
+            for j, i in enumerate(members):
+                # host sync: each image keeps the count the method chose; its record lists those indices
+                indices = kept[j].nonzero().squeeze(1)
+                if images[i].companions is not None:
+                    extra = current[images[i].companions(indices).unbind(1)]
+                    keep = _mark(keep, torch.full_like(extra, images[i].row), extra.clamp(min=0), extra >= 0)
+                p["counts"][i][idx] = len(indices)
+                records[i] = images[i].recorded(indices, None if scores is None else scores[j])
+                records[i].counts = dict(p["counts"][i])
+        return keep, records
 
     def _choose(self, hidden, attention):
         """The method's choice: (keep mask (B, L) of text and surviving image positions, image records).
@@ -263,44 +385,56 @@ class LLMPruning:
         """(mean over the prompt's text tokens after its last image token, before the last; the last token),
         both (B, D) float32, from a layer's input ``hidden`` (B, L, D)."""
         p = self.pending
-        image, anchor = p["image_mask"], p["anchor"]
-        pos = torch.arange(image.shape[1], device=image.device)
-        after = torch.where(image, pos, -1).amax(1)  # each row's last image position
-        text = (pos > after.unsqueeze(1)) & (pos < anchor.unsqueeze(1)) & ~image
-        if p["valid"] is not None:
-            text &= p["valid"]
-        h = hidden[:, : image.shape[1]].float()
-        mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        return mean, h[torch.arange(h.shape[0], device=h.device), anchor]
+        return text_state(hidden, p["image_mask"], p["anchor"], p["valid"])
+
+    def _drops_at(self, idx, hidden) -> bool:
+        p = self.pending
+        if self.plan is not None:
+            return idx in self.plan
+        if p["cols"] is not None:
+            return False
+        if self._exit_now(idx, hidden):
+            return True
+        p.pop("attention", None)  # the next layer's row decides next
+        return False
+
+    def _drop(self, idx, hidden, cache):
+        """The drop before layer ``idx``: the shortened ``hidden``; the cache remembers the columns kept."""
+        p = self.pending
+        length = p["image_mask"].shape[1]
+        hidden = gather_seq(hidden, self._select(hidden, idx))
+        if p["exit"] is None:
+            p["exit"] = idx
+            # keys cached before this call (a continued conversation) stay; layer 0 already holds ours
+            p["past"] = cache.get_seq_length() - length if cache is not None else 0
+            if cache is not None:
+                self.sessions[cache] = {"length": p["past"] + length, "stages": []}
+        p["filler_kv"] = None if p["filler"] is None else F.pad(p["filler"], (p["past"], 0))
+        if cache is not None:
+            cols = p["cols"]
+            past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
+            self.sessions[cache]["stages"].append((idx, torch.cat([past, cols + p["past"]], 1), p["filler_kv"]))
+        return hidden
 
     def _before_layer(self, idx, _module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache")
         p = self.pending
         if p is not None:  # prefill of a pruned call
-            length = p["image_mask"].shape[1]
-            if p["cols"] is None:
-                if not self._exit_now(idx, hidden):
-                    p.pop("attention", None)
-                    return None
-                cols = self._select(hidden, idx)
-                hidden = gather_seq(hidden, cols)
-                p["exit"] = idx
-                # keys cached before this call (a continued conversation) stay; layer 0 already holds ours
-                p["past"] = cache.get_seq_length() - length if cache is not None else 0
-                p["filler_kv"] = None if p["filler"] is None else F.pad(p["filler"], (p["past"], 0))
-                if cache is not None:
-                    past = torch.arange(p["past"], device=cols.device).expand(cols.shape[0], -1)
-                    self.sessions[cache] = (torch.cat([past, cols + p["past"]], 1), p["past"] + length, idx,
-                                            p["filler_kv"])
+            if self._drops_at(idx, hidden):
+                hidden = self._drop(idx, hidden, cache)
+            elif p["cols"] is None:
+                return None
             cols = p["cols"]
             q_cols = cols
             filler = p["filler_kv"]
         else:
             session = self.sessions.get(cache) if cache is not None else None
-            if session is None or idx < session[2]:  # layers before the exit kept every token
+            stages = [] if session is None else [s for s in session["stages"] if s[0] <= idx]
+            if not stages:  # layers before the first drop kept every token
                 return None
-            cols, length, _, filler = session
+            _, cols, filler = stages[-1]
+            length = session["length"]
             q_cols = None
         new = dict(kwargs)
         if q_cols is not None:

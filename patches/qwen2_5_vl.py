@@ -81,6 +81,7 @@ _GLOBAL = "a global token: the mean of the image's patch {}"
 #: what this family serves (``Patcher.provides``): no [CLS] token, so [CLS] signals have substitutes
 PROVIDES = {
     **dict.fromkeys(("encoder", "projector", "llm", "attention_received", "keys", "values", "last_attention",
+                     "image_attention", "text_attention",
                      "no_signals"), YES),
     "cls_attention": _RECEIVED,
     "cls_query": "substitute: [CLS] query/key -> " + _GLOBAL.format("queries/keys"),

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import vlprune
-from test_contract import LMInputs, budget
+from test_contract import LMInputs, adaptive, budget
 from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, fail_if_left_patched, sharpen
 from vlprune.patches.llava_next_hf import LlavaNextHF, anyres_layout, split_budget
 from vlprune.registry import get_method
@@ -198,15 +198,17 @@ def test_lm_receives_the_budgeted_sequence_with_row_newlines(nxt, method):
     finally:
         rec_full.close()
     with vlprune.pruned(nxt, method, **budget(method, nxt, ratio=0.75)) as h:
-        rec = LMInputs(nxt, h._patcher.llm.k_layer if h.method.stage == "llm" else None)
+        plan = h._patcher.llm.plan if h.method.stage == "llm" else None  # several drops: after the last
+        rec = LMInputs(nxt, (plan[-1] if plan else h._patcher.llm.k_layer) if h.method.stage == "llm" else None)
         try:
             run(nxt, inp)
         finally:
             rec.close()
         records = h.last
     budgeted = get_method(method).budgeted
+    counts = [r.counts[plan[-1]] for r in records] if adaptive(method) else [8 * budgeted, 8 * budgeted, 16 * budgeted]
     assert [(r.row, r.before, r.after, r.grids[1]) for r in records] == [
-        (0, 32, 8 * budgeted, HIGH["wide"]), (0, 32, 8 * budgeted, HIGH["tall"]), (1, 64, 16 * budgeted, HIGH["big"])]
+        (0, 32, counts[0], HIGH["wide"]), (0, 32, counts[1], HIGH["tall"]), (1, 64, counts[2], HIGH["big"])]
     for r in records:
         kept = r.kept.tolist()
         assert kept == sorted(set(kept)) and all(0 <= i < r.before for i in kept)

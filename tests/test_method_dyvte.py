@@ -196,8 +196,8 @@ def test_training_writes_loadable_weights_and_resumes(tmp_path):
 def test_train_cli_names_the_trainable_methods(capsys):
     from vlprune.train import main
 
-    assert main(["atp", "--out", "x"]) == 2
-    assert "METHOD must be one of dyvte, tokenflex; got 'atp'" in capsys.readouterr().err
+    assert main(["atpp", "--out", "x"]) == 2
+    assert "METHOD must be one of atp, dyvte, tokenflex; got 'atpp'" in capsys.readouterr().err
 
 
 # -- training on any Hugging Face VLM from a JSONL of prompts (the recipe for real checkpoints) -----------------

@@ -112,8 +112,8 @@ def learned_options(model, method: str) -> dict:
     """Options a learned method needs on a tiny model: weights made for it (fresh, kept for the session)
     and, for dyvte, ``threshold=0`` so its tokens leave at the earliest layer like a fixed exit (the gate
     itself is tested in test_method_dyvte.py); tokenflex's block gets a non-zero output layer, so it is not
-    plain pooling."""
-    if method not in ("dyvte", "tokenflex"):
+    plain pooling; atp's modules sit where ``default_layers`` puts them, thresholds as initialised."""
+    if method not in ("dyvte", "tokenflex", "atp"):
         return {}
     import tempfile
 
@@ -123,16 +123,21 @@ def learned_options(model, method: str) -> dict:
     key = (method, *(base[k] for k in learned.SIGNATURE), feature_width(model))
     if key not in _GATES:
         g = torch.Generator().manual_seed(0)
+        info = {}
         if method == "dyvte":
             from vlprune.builtin_methods.dyvte import gate_tensors
 
             tensors = gate_tensors(base["text_hidden_size"], 16, range(1, base["text_layers"]), g)
+        elif method == "atp":
+            from vlprune.builtin_methods.atp import default_layers, init_tensors
+
+            tensors, info = init_tensors(default_layers(base["text_layers"]), 16, g), {"lam": 3.0}
         else:
             from vlprune.builtin_methods.tokenflex import init_tensors
 
             tensors = init_tensors(feature_width(model), 16, g)
             tensors["down.weight"] = torch.randn(tensors["down.weight"].shape, generator=g) * 0.1
-        _GATES[key] = str(learned.save(tempfile.mkdtemp(prefix=f"vlprune-{method}-"), method, base, tensors))
+        _GATES[key] = str(learned.save(tempfile.mkdtemp(prefix=f"vlprune-{method}-"), method, base, tensors, **info))
     return {"weights": _GATES[key], **({"threshold": 0.0} if method == "dyvte" else {})}
 
 

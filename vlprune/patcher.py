@@ -36,6 +36,7 @@ class ImageRecord:
     sources: torch.Tensor | None = None
     outliers: torch.Tensor | None = None
     layer: int | None = None  # stage "llm": the decoder layer from which only ``kept`` remain (earlier: all)
+    counts: dict[int, int] | None = None  # stage "llm" plans: tokens in the LM from each drop layer on
 
     def __repr__(self) -> str:
         """Short: counts and the first kept indices, not every score (``print(handle.last)`` stays readable).

@@ -23,7 +23,7 @@ STAGES = ("encoder", "projector", "in_encoder", "llm")
 DECODING = "decoding"
 #: the signal kinds a method may ask for (see :class:`Signal`); a patcher says which it provides.
 SIGNAL_KINDS = ("cls_attention", "cls_attention_joint", "attention_received", "keys", "values", "cls_query",
-                "cls_key", "cls_value", "last_attention")
+                "cls_key", "cls_value", "last_attention", "image_attention", "text_attention")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class Signal:
 
     - ``last_attention`` (images, heads, N): the prompt's last token's softmax attention (over all
       keys) on each image's N tokens at that decoder layer.
+    - ``image_attention`` (images, heads, N): the attention each of an image's tokens receives from that
+      image's tokens still in the sequence (mean over those queries; causal, so early tokens receive more).
+    - ``text_attention`` (images, heads, N): the same from the prompt's text tokens after the image, up to
+      and including its last token.
+
+    Tokens that left at an earlier drop (``Context.alive`` False) read 0 in both.
     """
 
     kind: str
@@ -60,6 +66,7 @@ class Context:
 
     grid: tuple[int, int]  # (rows, cols) of the patch grid, raster order
     signals: dict[Signal, torch.Tensor] = field(default_factory=dict)
+    alive: torch.Tensor | None = None  # stage "llm" plans: (images, N) which tokens are still in the sequence
 
 
 @dataclass
@@ -143,6 +150,16 @@ class Method:
     def llm_layer(self, depth: int) -> int:  # pragma: no cover - abstract
         """The decoder layer K of an LM ``depth`` layers deep from which the image tokens are cut."""
         raise NotImplementedError
+
+    def llm_plan(self, depth: int) -> list[int] | None:
+        """None: one drop, at :meth:`llm_layer`. Otherwise the ascending decoder layers before which
+        :meth:`llm_keep` decides, per image, which of its remaining tokens go on (any number)."""
+        return None
+
+    def llm_keep(self, layer: int, tokens: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plans only: (keep (images, N) bool, within ``ctx.alive``; scores (images, N) or None) for the
+        tokens (images, N, D) at the input of decoder ``layer`` (zeros where not alive)."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def check_base(self, base: dict) -> None:
         """Learned methods: a clear error when their weights were trained for another base model

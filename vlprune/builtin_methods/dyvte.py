@@ -81,6 +81,21 @@ class DyVTE(learned.Weighted, Method):
         raise VlpruneError("dyvte keeps no image token once they exit; its patcher drops them all")
 
 
+def text_state(hidden, image, anchor, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's input from a decoder layer's input ``hidden`` (B, L', D), L' >= L: (the mean over the text
+    tokens after the last image token and before the prompt's last, the last token itself), both (B, D)
+    float32. ``image`` (B, L) marks image tokens, ``anchor`` (B,) is each prompt's last token, ``valid``
+    (B, L) its non-padding positions. The patcher (inference) and the trainer (labels) both call this."""
+    pos = torch.arange(image.shape[1], device=image.device)
+    after = torch.where(image, pos, -1).amax(1)  # each row's last image position
+    text = (pos > after.unsqueeze(1)) & (pos < anchor.unsqueeze(1)) & ~image
+    if valid is not None:
+        text &= valid
+    h = hidden[:, : image.shape[1]].float()
+    mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
+    return mean, h[torch.arange(h.shape[0], device=h.device), anchor]
+
+
 def gate_tensors(width: int, hidden: int, layers, generator=None) -> dict[str, torch.Tensor]:
     """Freshly initialised gates (the released Linear initialisation scale) for ``layers``, 2*width -> hidden -> 2."""
     out = {}

@@ -3,8 +3,8 @@
     python -m vlprune.embedded.matched --n 500 --out assets/results/embedded-learned
 
 An adaptive method keeps a different number of visual tokens per prompt and per decoder layer (``dyvte``:
-all of them up to its exit layer, none after), so its cost is the number of visual tokens each LM layer
-sees, averaged over the layers: ``(layer * before + (depth - layer) * after) / depth`` from each
+all of them up to its exit layer, none after; ``atp``: its own count from each module's layer on), so its
+cost is the number of visual tokens each LM layer sees, averaged over the layers, from each
 ``handle.last`` record. The training-free methods then run at the learned method's mean: encoder-stage
 methods with ``keep`` = that mean, ``fastv`` (from its layer K on) with the ``keep`` that gives the same
 mean, and ``visual_exit`` at every fixed layer. Every row answers the same held-out items one prompt at
@@ -34,7 +34,11 @@ def visual_tokens_per_layer(record, depth: int) -> float:
     """The visual tokens of one image that the LM's layers see, averaged over its ``depth`` layers."""
     if record.layer is None:  # pruned before the LM (or not at all): every layer sees ``after``
         return float(record.after)
-    return (record.layer * record.before + (depth - record.layer) * record.after) / depth
+    counts = record.counts or {record.layer: record.after}  # several drops (atp), or one
+    seen = [record.before] * depth
+    for layer, count in counts.items():
+        seen[layer:] = [count] * (depth - layer)
+    return sum(seen) / depth
 
 
 @torch.inference_mode()
@@ -44,7 +48,7 @@ def measure(model, processor, items, method=None, **options) -> dict:
 
     depth = model.config.text_config.num_hidden_layers
     handle = vlprune.patch(model, method, **options) if method else None
-    preds, tokens, layers, token_layers = [], [], [], []
+    preds, tokens, layers, token_layers, counts = [], [], [], [], []
     try:
         for it in items:
             inputs = processor(images=[it["image"]], text=[scenes.prompt(it["question"])], return_tensors="pt")
@@ -61,6 +65,7 @@ def measure(model, processor, items, method=None, **options) -> dict:
             per_layer = visual_tokens_per_layer(record, depth)
             tokens.append(per_layer)
             layers.append(record.layer)
+            counts.append(record.counts)
             token_layers.append((length - record.before + per_layer) / length)
     finally:
         if handle is not None:
@@ -72,7 +77,9 @@ def measure(model, processor, items, method=None, **options) -> dict:
             "by_type": {qt: statistics.mean(h for h, it in zip(hits, items) if it["qtype"] == qt)
                         for qt in scenes.QTYPES if any(it["qtype"] == qt for it in items)},
             "tokens_mean": statistics.mean(tokens), "tokens_sd": statistics.pstdev(tokens),
-            "exit_layers": dict(sorted(Counter(str(x) for x in layers).items())) if layers else {},
+            "exit_layers": dict(sorted(Counter(str(x) for x in layers).items())) if layers and not any(counts) else {},
+            "per_layer": {str(k): [statistics.mean(c[k] for c in counts), statistics.pstdev(c[k] for c in counts)]
+                          for k in counts[0]} if counts and counts[0] else {},
             "lm_token_layers": statistics.mean(token_layers)}
 
 
@@ -104,11 +111,13 @@ def markdown(rows, n: int, command: str, depth: int) -> str:
     lines = [f"Accuracy (± its standard error) vs visual tokens per LM layer (mean ± standard deviation over items) "
              f"on {n} held-out items, one prompt at a time (`{command}`). Tokens per layer: the visual tokens each of "
              f"the {depth} decoder layers sees, averaged over layers. LM work: token-layers relative to the unpruned prompt. Exit layers: how many items "
-             "dropped their image before each decoder layer (kept: never dropped).", "",
-             "| setting | tokens per layer | all | " + " | ".join(types) + " | LM work | exit layers |",
+             "dropped their image before each decoder layer (kept: never dropped); for atp, the tokens it keeps from each module's "
+             "layer on (mean ± standard deviation over items).", "",
+             "| setting | tokens per layer | all | " + " | ".join(types) + " | LM work | exit layers / kept from layer |",
              "|" + "---|" * (5 + len(types))]
     for r in rows:
-        exits = ", ".join(f"{'kept' if k == 'None' else k}: {v}" for k, v in r["exit_layers"].items()) or "-"
+        exits = ", ".join(f"{'kept' if k == 'None' else k}: {v}" for k, v in r["exit_layers"].items()) \
+            or ", ".join(f"{k}: {m:.0f} ± {sd:.0f}" for k, (m, sd) in r.get("per_layer", {}).items()) or "-"
         lines.append(f"| {label(r)} | {r['tokens_mean']:.1f} ± {r['tokens_sd']:.1f} | {r['accuracy']:.3f} ± "
                      f"{r['stderr']:.3f} | " + " | ".join(f"{r['by_type'][t]:.2f}" for t in types)
                      + f" | {r['lm_token_layers'] * 100:.0f} % | {exits} |")
@@ -120,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=500, help="held-out items (the first n of the test split)")
     ap.add_argument("--learned", default="dyvte", help="comma-separated learned methods (their shipped weights)")
     ap.add_argument("--thresholds", default="0.5,0.9", help="dyvte exit thresholds to run (0.5: as released)")
+    ap.add_argument("--scales", default="1", help="atp threshold scales to run (1: as trained)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="a folder for results.json and results.md")
     args = ap.parse_args(argv)
@@ -134,7 +144,8 @@ def main(argv=None):
     n_visual = int(rows[0]["tokens_mean"])
     learned_rows = []
     for name in [m for m in args.learned.split(",") if m]:
-        options = [{"threshold": float(t)} for t in args.thresholds.split(",")] if name == "dyvte" else [{}]
+        options = {"dyvte": [{"threshold": float(t)} for t in args.thresholds.split(",")],
+                   "atp": [{"scale": float(t)} for t in args.scales.split(",")]}.get(name, [{}])
         for opts in options:
             learned_rows.append(measure(model, processor, items, name, **opts))
             say(f"{label(learned_rows[-1])}: {learned_rows[-1]['accuracy']:.3f} at {learned_rows[-1]['tokens_mean']:.1f}")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 #: trainable method -> its training module
-TRAINERS = {"dyvte": "vlprune.train.dyvte", "tokenflex": "vlprune.train.tokenflex"}
+TRAINERS = {"atp": "vlprune.train.atp", "dyvte": "vlprune.train.dyvte", "tokenflex": "vlprune.train.tokenflex"}
 
 
 def main(argv=None):

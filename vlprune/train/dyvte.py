@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import learned
-from ..builtin_methods.dyvte import gate_tensors
+from ..builtin_methods.dyvte import gate_tensors, text_state
 from . import Log, eta
 
 LOSS_RATIO = 1.03  # the released label's loss margin (``--loss-ratio``)
@@ -55,37 +55,45 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(turn, add_generation_prompt=True)
 
 
-@torch.inference_mode()
-def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (B, len(layers), 2D) float32, labels (B, len(layers)) bool) for one chunk of prompts."""
-    import vlprune
-
+def answer_inputs(model, processor, chunk) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(model inputs on its device, each prompt's last token (B,), the answer positions (B, L) bool) of one
+    image + question + answer + end-of-sequence per row, left padded so every answer ends at the right."""
     tok, dev = processor.tokenizer, model.device
     images, prompts = [e["image"] for e in chunk], [prompt_text(processor, e["question"]) for e in chunk]
     inputs = processor(images=images, text=[f"{p} {e['answer']}" for p, e in zip(prompts, chunk)],
                        return_tensors="pt", padding=True)
-    prompt_lengths = processor(images=images, text=prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    # the prompts' lengths without preprocessing the images again: their text tokens, each image placeholder
+    # expanded to the image's tokens as the processor did for the full sequences
+    expanded = (ids == model.config.image_token_id).sum(1) - 1
+    prompt_lengths = tok(prompts, padding=True, return_tensors="pt")["attention_mask"].sum(1) + expanded
     b, length = ids.shape
     n_answer = mask.sum(1) - prompt_lengths + 1  # the answer's tokens and the end-of-sequence appended next
     eos = torch.full((b, 1), tok.eos_token_id)  # the answer ends with end-of-sequence, as the model was taught
     inputs["input_ids"], inputs["attention_mask"] = torch.cat([ids, eos], 1), torch.cat([mask, torch.ones_like(eos)], 1)
     inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
-    ids, length, n_answer = inputs["input_ids"], length + 1, n_answer.to(dev)
-    anchor = length - 1 - n_answer  # the prompt's last token (left padding: every row ends at the right)
+    anchor = length - n_answer.to(dev)  # the prompt's last token (length + 1 positions now)
+    targets = torch.arange(length + 1, device=dev).unsqueeze(0) > anchor.unsqueeze(1)  # answer and end-of-sequence
+    return inputs, anchor, targets
+
+
+@torch.inference_mode()
+def label_chunk(model, processor, chunk, layers, loss_ratio: float = LOSS_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (B, len(layers), 2D) float32, labels (B, len(layers)) bool) for one chunk of prompts."""
+    import vlprune
+
+    dev = model.device
+    inputs, anchor, targets = answer_inputs(model, processor, chunk)
+    ids = inputs["input_ids"]
+    b = ids.shape[0]
     image = ids == model.config.image_token_id
     n_image = int(image.sum(1)[0])  # every prompt has one image: the exited sequence is this much shorter
-    pos = torch.arange(length, device=dev)
-    targets = pos.unsqueeze(0) > anchor.unsqueeze(1)  # answer tokens and end-of-sequence
 
     full = model(**inputs, output_hidden_states=True)
-    text = (pos > torch.where(image, pos, -1).amax(1, keepdim=True)) & (pos < anchor.unsqueeze(1)) & ~image
-    text &= inputs["attention_mask"].bool()
+    valid = inputs["attention_mask"].bool()
     feats = []
     for layer in layers:  # the input of decoder layer `layer` (hidden_states[0] is the embeddings)
-        h = full.hidden_states[layer].float()
-        mean = (h * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        feats.append(torch.cat([mean, h[torch.arange(b, device=dev), anchor]], -1).cpu())
+        feats.append(torch.cat(text_state(full.hidden_states[layer], image, anchor, valid), -1).cpu())
 
     def scored(logits, shift):
         """Per row: greedy tokens at the answer positions and the mean loss there (logits read ``shift``

@@ -1,0 +1,349 @@
+"""Train ATP-LLaVA's pruning modules on a frozen VLM (default: the embedded model's training features).
+
+Each step runs the frozen model on one question per image with soft masks. Before each module's layer the
+module reads the attention the image tokens received at the layer before (from that layer's q/k, as the
+patched model does at inference), predicts its two thresholds, and from then on every later layer's
+attention to an image token is weighted by how much of it is kept: the larger of the two sigmoids of
+(score - threshold) x ``--temperature``, times what earlier modules kept (a token always sees itself).
+The loss is the answers' cross-entropy plus ``--budget-weight`` x (mean share of image tokens per decoder
+layer - ``--budget``)^2: the compute term. Resumable from ``--out`` (a checkpoint every ``--save-every``
+steps); it writes ``config.json`` + ``model.safetensors`` (``vlprune.patch(model, "atp", weights=OUT)``),
+``train.log`` and ``train_log.json`` (arguments, validation loss, answer-token accuracy and share, time).
+
+The features are the frozen tower's, computed once: ``python -m vlprune.embedded.features --out DIR``.
+With ``--model`` (a Hugging Face LLaVA-style VLM, one square-grid image per prompt) it trains on a JSONL of
+{"image", "question", "answer"} instead (``eval/recipes/atp-llava15.md``), holding out a tenth to validate.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import learned
+from ..builtin_methods.atp import default_layers, init_tensors, modules, redundancy, spatial_scores, thresholds
+from ..errors import VlpruneError
+from . import Log, eta
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--data", type=Path, default=Path("/tmp/vlprune_embedded"),
+                    help="tower features written by `python -m vlprune.embedded.features --out DIR`; with "
+                         "--model, a JSONL of {\"image\": path, \"question\", \"answer\"}")
+    ap.add_argument("--model", default=None,
+                    help="a Hugging Face VLM (hub id or folder; needs --data FILE.jsonl) - default: the embedded model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--examples", type=int, default=20000, help="with --model: prompts read from --data")
+    ap.add_argument("--layers", default=None,
+                    help="decoder layers the modules prune before, comma-separated (default: 4/32, 14/32 and "
+                         "24/32 of the depth)")
+    ap.add_argument("--budget", type=float, default=0.45,
+                    help="target mean share of image tokens per decoder layer (layers before the first module "
+                         "count as 1)")
+    ap.add_argument("--budget-weight", type=float, default=20.0)
+    ap.add_argument("--temperature", type=float, default=10.0, help="of the soft masks")
+    ap.add_argument("--lam", type=float, default=3.0, help="spatial score: 1 - lam * sampling rate")
+    ap.add_argument("--hidden", type=int, default=64, help="the threshold networks' hidden width")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32, help="image-question pairs per step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--val", type=int, default=200, help="validation scenes")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--stop-at", type=int, default=0,
+                    help="stop after this step with a checkpoint (the same command without it resumes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10)
+
+
+def attention(attn, x, position_embeddings, mask) -> torch.Tensor:
+    """(B, H, L, L) softmax attention of decoder self-attention ``attn`` on its normed input ``x`` with an
+    additive ``mask`` (B, 1, L, L)."""
+    b, length, _ = x.shape
+    q = attn.q_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, *position_embeddings)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scaling + mask, dim=-1)
+
+
+class SoftModules:
+    """Pre-hooks on a frozen decoder's layers that run ATP's modules with soft masks (training only).
+    ``begin`` arms one batch; ``shares`` then holds each layer's kept share of image tokens (B,)."""
+
+    def __init__(self, layers, plan, params, lam, temperature):
+        self.plan, self.params, self.lam, self.temperature = plan, params, lam, temperature
+        self.depth = len(layers)
+        self.handles = [layers[i].register_forward_pre_hook(functools.partial(self._before, i), with_kwargs=True)
+                        for i in range(plan[0] - 1, len(layers))]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def begin(self, image_mask, text_mask, grid):
+        """``image_mask`` (B, L): the image tokens (one image of ``grid`` per row); ``text_mask`` (B, L): the
+        question's tokens after it, to the prompt's last."""
+        n = int(image_mask[0].sum())
+        self.cols = image_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n]  # (B, N)
+        self.text, self.grid = text_mask, grid
+        self.log_keep = torch.zeros(image_mask.shape[0], n, device=image_mask.device)  # log share kept, per token
+        self.shares = [torch.ones(image_mask.shape[0], device=image_mask.device)] * (self.plan[0] - 1)
+        self.seen = {}  # module layer -> (B, N) what a hard threshold would keep (inspection, tests)
+
+    def _mask(self, mask, hidden):
+        b, length = hidden.shape[:2]
+        dev = hidden.device
+        if mask is None:
+            mask = torch.ones(length, length, dtype=torch.bool, device=dev).tril()[None, None]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, float("-inf"))
+        cols = torch.zeros(b, length, device=dev).scatter(1, self.cols, self.log_keep)
+        eye = torch.eye(length, dtype=torch.bool, device=dev)
+        return mask.float() + cols[:, None, None, :].masked_fill(eye, 0.0)
+
+    def _before(self, i, layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = self._mask(kwargs.get("attention_mask"), hidden)
+        self.shares.append(self.log_keep.exp().mean(1))
+        if i + 1 in self.plan:
+            with torch.no_grad():
+                att = attention(layer.self_attn, layer.input_layernorm(hidden), kwargs["position_embeddings"], mask)
+            self._module(i + 1, att)
+        return args, {**kwargs, "attention_mask": mask.to(hidden.dtype)}
+
+    def _module(self, layer, att):
+        keep = self.log_keep.detach().exp()
+        alive = keep > 0.5  # what inference would still hold
+        image = torch.zeros(att.shape[0], att.shape[-1], device=att.device).scatter(1, self.cols, keep)
+        received = []
+        for w in (image, self.text.float()):
+            w = w / w.sum(1, keepdim=True).clamp(min=1e-6)
+            got = torch.einsum("bq,bhqk->bhk", w, att.nan_to_num(0.0)).mean(1)  # head mean (B, L)
+            received.append(got.gather(1, self.cols))
+        score, features = redundancy(*received, alive)
+        theta_r, theta_s = thresholds(features, self.params[layer])
+        spatial = spatial_scores(self.grid, self.lam, att.device)
+        t = self.temperature
+        self.seen[layer] = ((score > theta_r) | (spatial > theta_s)).detach()
+        self.log_keep = self.log_keep + torch.maximum(F.logsigmoid((score - theta_r) * t),
+                                                      F.logsigmoid((spatial - theta_s) * t))
+
+    def mean_share(self) -> torch.Tensor:
+        """(B,) the mean over all decoder layers of the share of image tokens each saw."""
+        return torch.stack(self.shares, 1).mean(1)
+
+
+def forward(model, batcher, soft, feats, qa, grid):
+    """(logits, labels, mean share (B,)) of the frozen model, modules soft, on one question per image."""
+    from ..embedded.train import PREFIX
+
+    m = model.model
+    n = feats.shape[1]
+    proj = m.multi_modal_projector(feats)
+    ids, labels, mask, pos = batcher.build([[q] for q in qa], n)
+    embeds = m.get_input_embeddings()(ids)
+    embeds[:, PREFIX:PREFIX + n] = proj.to(embeds.dtype)
+    where = torch.arange(ids.shape[1])
+    image = (where >= PREFIX) & (where < PREFIX + n)
+    last = (labels != -100).to(torch.int8).argmax(1, keepdim=True)  # the prompt's last token predicts the answer
+    text = (where >= PREFIX + n) & (where <= last)
+    soft.begin(image.expand_as(ids), text, grid)
+    hidden = m.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    return model.lm_head(hidden), labels, soft.mean_share()
+
+
+def forward_hf(model, processor, soft, chunk):
+    """(logits, labels, mean share (B,)) of a frozen Hugging Face VLM, modules soft, on image + question +
+    answer rows (the answer's tokens are the labels, at the positions that predict them)."""
+    from .dyvte import answer_inputs
+
+    inputs, anchor, targets = answer_inputs(model, processor, chunk)
+    ids = inputs["input_ids"]
+    image = ids == model.config.image_token_id
+    n = image.sum(1)
+    side = math.isqrt(int(n[0]))  # host sync: the grid's side
+    if not bool((n == n[0]).all()) or side * side != int(n[0]):
+        raise VlpruneError(f"vlprune-train atp --model needs one square-grid image per prompt (LLaVA-1.5 style); "
+                           f"got image token counts {n.tolist()}")
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    text = (pos > torch.where(image, pos, -1).amax(1, keepdim=True)) & (pos <= anchor.unsqueeze(1))
+    soft.begin(image, text & inputs["attention_mask"].bool(), (side, side))
+    logits = model(**inputs).logits
+    rows, cols = targets.nonzero(as_tuple=True)
+    labels = torch.full_like(ids, -100)
+    labels[rows, cols - 1] = ids[rows, cols]
+    return logits, labels, soft.mean_share()
+
+
+def draw(recs, idx, rng):
+    from ..embedded.train import scene_questions
+
+    return [scene_questions(recs[i]["objects"], rng, 1)[0] for i in idx]
+
+
+@torch.no_grad()
+def validate(batches) -> dict:
+    """Answer-token loss, accuracy and mean share (soft masks, teacher-forced) over ``batches``, an iterable
+    of (logits, labels, shares)."""
+    loss = hits = total = share = rows = 0.0
+    for logits, labels, shares in batches:
+        sel = labels != -100
+        loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
+        hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
+        total += sel.sum().item()
+        share += shares.sum().item()
+        rows += len(shares)
+    return {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4),
+            "mean_share": round(share / rows, 4)}
+
+
+def _layers(text, depth) -> list[int]:
+    if text is None:
+        return default_layers(depth)
+    try:
+        layers = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        layers = []
+    if not layers or sorted(set(layers)) != layers or not all(1 <= i < depth for i in layers):
+        raise VlpruneError(f"--layers must be ascending decoder layers in 1..{depth - 1}, comma-separated; got {text!r}")
+    return layers
+
+
+def run(args) -> Path:
+    for name in ("steps", "batch", "hidden", "val", "save_every", "warmup", "examples"):
+        if getattr(args, name) < 1:
+            raise VlpruneError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not 0 < args.budget <= 1:
+        raise VlpruneError(f"--budget must be in (0, 1] (a share of image tokens); got {args.budget}")
+    if args.stop_at < 0:
+        raise VlpruneError(f"--stop-at must be >= 0 (0: run all --steps); got {args.stop_at}")
+    if args.model is None:
+        model, train, val = _embedded(args)
+    else:
+        model, train, val = _hugging_face(args)
+    model.requires_grad_(False)
+    layers = model.model.language_model.layers
+    plan = _layers(args.layers, len(layers))
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train.log")
+    torch.manual_seed(args.seed)
+    tensors = {k: v.to(model.device).requires_grad_(True) for k, v in init_tensors(plan, args.hidden).items()}
+    soft = SoftModules(layers, plan, modules(tensors), args.lam, args.temperature)
+    opt = torch.optim.AdamW(tensors.values(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    step, spent = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                tensors[k].copy_(v)
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state, step, spent = state["rng"], state["step"], state["seconds"]
+        log(f"resumed at step {step}")
+    else:
+        log(f"training atp: modules before layers {plan}, args {vars(args)}")
+
+    t0, first, avg = time.time(), step, None
+    stop = min(args.steps, args.stop_at or args.steps)
+    try:
+        while step < stop:
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logits, labels, share = train(soft, rng)
+            answer = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            budget = args.budget_weight * (share.mean() - args.budget) ** 2
+            opt.zero_grad(set_to_none=True)
+            (answer + budget).backward()
+            torch.nn.utils.clip_grad_norm_(list(tensors.values()), 1.0)
+            opt.step()
+            step += 1
+            now = (answer.item(), share.mean().item())
+            avg = now if avg is None else tuple(0.9 * a + 0.1 * b for a, b in zip(avg, now))
+            if step % args.log_every == 0 or step == args.steps:
+                log(f"step {step}/{args.steps} answer loss {avg[0]:.3f} share {avg[1]:.3f} lr {lr:.1e} - "
+                    f"{(time.time() - t0) / (step - first):.2f} s/step, ETA {eta(step - first, args.steps - first, t0)}")
+            if step % args.save_every == 0 or step == stop:
+                torch.save({"params": {k: v.detach() for k, v in tensors.items()}, "opt": opt.state_dict(),
+                            "rng": rng.bit_generator.state, "step": step, "seconds": spent + time.time() - t0}, ckpt)
+        if step < args.steps:
+            log(f"stopped at step {step} of {args.steps}; the same command without --stop-at resumes")
+            return out
+        minutes = (spent + time.time() - t0) / 60
+        val = validate(val(soft))
+    finally:
+        soft.remove()
+    log(f"validation (soft masks): loss {val['loss']:.3f} acc {val['token_accuracy']:.3f} share {val['mean_share']:.3f}")
+    trained = {"args": {k: str(v) for k, v in vars(args).items()}, "layers": plan, "steps": step,
+               "minutes": round(minutes, 1), "validation": val, "torch": torch.__version__}
+    learned.save(out, "atp", learned.signature(model), {k: v.detach() for k, v in tensors.items()},
+                 lam=args.lam, temperature=args.temperature, trained=trained)
+    (out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
+    log(f"wrote {out} after {minutes:.1f} min")
+    return out
+
+
+def _embedded(args):
+    """(model, train(soft, rng) -> one step's batch, val(soft) -> validation batches) on the embedded model's
+    tower features."""
+    from ..embedded import load_embedded
+    from ..embedded.train import Batcher, load_split
+
+    if not (args.data / "train_feats.npy").is_file():
+        raise VlpruneError(f"--data {str(args.data)!r} holds no train_feats.npy; write the tower features with "
+                           f"`python -m vlprune.embedded.features --out {args.data}`")
+    feats, _, _, recs = load_split(args.data, "train")
+    side = math.isqrt(feats.shape[1])
+    vfeats, _, _, vrecs = load_split(args.data, "val")
+    vfeats, vrecs = torch.from_numpy(np.array(vfeats[:args.val])).float(), vrecs[:args.val]
+    model, processor = load_embedded()
+    batcher = Batcher(processor.tokenizer)
+
+    def train(soft, rng):
+        idx = np.sort(rng.choice(len(feats), args.batch, replace=False))
+        return forward(model, batcher, soft, torch.from_numpy(feats[idx]).float(), draw(recs, idx, rng), (side, side))
+
+    def val(soft):
+        rng = np.random.default_rng(args.seed)
+        for a in range(0, len(vrecs), 50):
+            idx = range(a, min(len(vrecs), a + 50))
+            yield forward(model, batcher, soft, vfeats[a:a + len(idx)], draw(vrecs, idx, rng), (side, side))
+
+    return model, train, val
+
+
+def _hugging_face(args):
+    """The same on ``--model`` and a JSONL of prompts (a tenth, at least one, held out)."""
+    from .dyvte import load_base, read_jsonl
+
+    if args.data.suffix != ".jsonl":
+        raise VlpruneError(f"--model needs --data FILE.jsonl (one {{\"image\", \"question\", \"answer\"}} per line); "
+                           f"got {str(args.data)!r}")
+    data = read_jsonl(args.data, args.examples)
+    held = max(1, len(data) // 10)
+    if len(data) <= held:
+        raise VlpruneError(f"--data {str(args.data)!r} needs at least 2 prompts (a tenth is held out); got {len(data)}")
+    held_out, data = data[:held], data[held:]
+    model, processor = load_base(args)
+
+    def train(soft, rng):
+        idx = rng.choice(len(data), min(args.batch, len(data)), replace=False)
+        return forward_hf(model, processor, soft, [data[i] for i in np.sort(idx)])
+
+    def val(soft):
+        for a in range(0, min(len(held_out), args.val), args.batch):
+            yield forward_hf(model, processor, soft, held_out[a:a + args.batch])
+
+    return model, train, val
