@@ -29,3 +29,20 @@ def llava(_shared_llava):
     """The shared tiny LLaVA; any patch a test leaves behind is removed and reported as a failure."""
     yield _shared_llava
     tiny.fail_if_left_patched(_shared_llava)
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory):
+    """The embedded model's tower features for 12 training and 4 validation scenes, written once for the
+    learned methods' training tests (skipped in a copy without the embedded checkpoint)."""
+    from vlprune.embedded import asset_dir
+    from vlprune.embedded.features import extract
+
+    try:
+        asset_dir()
+    except FileNotFoundError:
+        pytest.skip("no embedded checkpoint in this copy")
+    out = tmp_path_factory.mktemp("features")
+    extract("train", 12, out, log=lambda *_: None)
+    extract("val", 4, out, log=lambda *_: None)
+    return out

@@ -64,3 +64,20 @@ metric_list:
     higher_is_better: true
 """)
     return folder
+
+
+def write_prompts(folder: Path, n: int = 6) -> Path:
+    """A JSONL of ``n`` {"image", "question", "answer"} rows on random 40x40 images, as `vlprune-train
+    METHOD --model ... --data FILE.jsonl` reads it."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+        rows.append(json.dumps({"image": f"im{i}.png", "question": "what is here", "answer": "a dog" if i % 2 else "b"}))
+    (folder / "data.jsonl").write_text("\n".join(rows) + "\n")
+    return folder / "data.jsonl"

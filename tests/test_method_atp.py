@@ -136,21 +136,6 @@ def test_scale_trades_tokens_monotonically(llava, tmp_path):
 
 
 # -- training, on the embedded model and a few scenes' tower features ---------------------------------------
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    from vlprune.embedded import asset_dir
-    from vlprune.embedded.features import extract
-
-    try:
-        asset_dir()
-    except FileNotFoundError:
-        pytest.skip("no embedded checkpoint in this copy")
-    out = tmp_path_factory.mktemp("features")
-    extract("train", 12, out, log=lambda *_: None)
-    extract("val", 4, out, log=lambda *_: None)
-    return out
-
-
 def test_training_resumes_to_the_uninterrupted_result_and_loads(features, tmp_path):
     from vlprune.train import main
 
@@ -186,19 +171,12 @@ def test_bad_training_arguments_fail_clearly(features, tmp_path, flag, value, ne
 def test_training_a_hugging_face_checkpoint_from_jsonl(tmp_path):
     """The recipe's path (eval/recipes/atp-llava15.md) on a tiny random LLaVA checkpoint."""
     import eval_tiny
-    import numpy as np
-    from PIL import Image
     from transformers import LlavaForConditionalGeneration
 
     from vlprune.train import main
 
     ckpt = eval_tiny.save_checkpoint(tmp_path / "ckpt")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
-        rows.append(json.dumps({"image": f"im{i}.png", "question": "what is here", "answer": "a dog" if i % 2 else "b"}))
-    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    eval_tiny.write_prompts(tmp_path)
     out = tmp_path / "modules"
     assert main(["atp", "--model", str(ckpt), "--data", str(tmp_path / "data.jsonl"), "--out", str(out),
                  "--steps", "3", "--batch", "3", "--hidden", "8", "--log-every", "1"]) == 0

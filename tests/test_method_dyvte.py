@@ -203,18 +203,11 @@ def test_train_cli_names_the_trainable_methods(capsys):
 # -- training on any Hugging Face VLM from a JSONL of prompts (the recipe for real checkpoints) -----------------
 def test_training_a_hugging_face_checkpoint_from_jsonl(tmp_path):
     import eval_tiny
-    import numpy as np
-    from PIL import Image
 
     from vlprune.train import main
 
     ckpt = eval_tiny.save_checkpoint(tmp_path / "ckpt")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
-        rows.append(json.dumps({"image": f"im{i}.png", "question": "what is here", "answer": "a dog" if i % 2 else "b"}))
-    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    eval_tiny.write_prompts(tmp_path)
     out = tmp_path / "gates"
     args = ["dyvte", "--model", str(ckpt), "--data", str(tmp_path / "data.jsonl"), "--out", str(out),
             "--examples", "6", "--chunk", "3", "--epochs", "2", "--batch", "4"]

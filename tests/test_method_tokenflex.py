@@ -95,21 +95,6 @@ def test_weights_are_checked_before_any_call(model, tmp_path):
 
 
 # -- training, on the embedded model and a few scenes' tower features ---------------------------------------
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    from vlprune.embedded import asset_dir
-    from vlprune.embedded.features import extract
-
-    try:
-        asset_dir()
-    except FileNotFoundError:
-        pytest.skip("no embedded checkpoint in this copy")
-    out = tmp_path_factory.mktemp("features")
-    extract("train", 12, out, log=lambda *_: None)
-    extract("val", 4, out, log=lambda *_: None)
-    return out
-
-
 def test_training_resumes_to_the_uninterrupted_result_and_loads(features, tmp_path):
     from vlprune.train import main
 
@@ -147,3 +132,29 @@ def test_missing_features_say_how_to_make_them(tmp_path):
 
     with pytest.raises(VlpruneError, match="python -m vlprune.embedded.features --out"):
         main(["tokenflex", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_training_a_hugging_face_checkpoint_from_jsonl(tmp_path):
+    """The recipe's path (eval/recipes/tokenflex-llava15.md) on a tiny random LLaVA checkpoint: the block
+    trains through the patched model, tower included, and the result loads on it."""
+    import eval_tiny
+    from transformers import LlavaForConditionalGeneration
+
+    from vlprune.train import main
+
+    ckpt = eval_tiny.save_checkpoint(tmp_path / "ckpt")
+    data = eval_tiny.write_prompts(tmp_path)
+    out = tmp_path / "block"
+    common = ["tokenflex", "--model", str(ckpt), "--data", str(data), "--hidden", "8", "--batch", "3",
+              "--warmup", "1", "--log-every", "1", "--lr", "0.05"]
+    with pytest.raises(VlpruneError, match="--counts must be comma-separated token counts in 1..16"):
+        main(common + ["--out", str(tmp_path / "x"), "--counts", "4,64"])
+    assert main(common + ["--out", str(out), "--steps", "3", "--counts", "1,4", "--eval-counts", "4,9"]) == 0
+    config, tensors = learned.load(out, "tokenflex")
+    assert tensors["down.weight"].abs().sum() > 0  # it learned: the zero-started output layer moved
+    assert set(config["trained"]["validation"]) == {"4", "9"}
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt)
+    with vlprune.pruned(model, "tokenflex", weights=str(out), keep=4):
+        pass
+    with pytest.raises(VlpruneError, match="--model needs --data FILE.jsonl"):
+        main(["tokenflex", "--model", str(ckpt), "--data", str(tmp_path), "--out", str(tmp_path / "y")])

@@ -56,6 +56,11 @@ class TokenFLEX(learned.Weighted, Method):
                 raise VlpruneError(f"weights={str(folder)!r} for method='tokenflex' lack {', '.join(missing)}")
             self._folder, self._params, self._on = folder, tensors, {}
 
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Run on ``tensors`` (float32, on the model's device) in place of the folder's, shared, not copied:
+        ``vlprune-train tokenflex --model`` trains them through the patched model itself."""
+        self._folder, self._params, self._on = "<bound tensors>", tensors, {}
+
     def select(self, tokens, k, ctx) -> Selection:
         self._load()
         h, w = ctx.grid

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 #: trainable method -> its training module
 TRAINERS = {"atp": "vlprune.train.atp", "dyvte": "vlprune.train.dyvte", "tokenflex": "vlprune.train.tokenflex"}
@@ -58,3 +60,76 @@ def eta(done: int, total: int, t0: float) -> str:
         return "?"
     left = (time.time() - t0) / done * (total - done)
     return f"{left / 60:.1f} min"
+
+
+def step_arguments(ap, *, steps: int, batch: int, lr: float, warmup: int, save_every: int, log_every: int,
+                   batch_help: str) -> None:
+    """The options of a step-based trainer (``fit``), with that trainer's defaults."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--save-every", type=int, default=save_every)
+    ap.add_argument("--stop-at", type=int, default=0,
+                    help="stop after this step with a checkpoint (the same command without it resumes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=log_every)
+
+
+def check_positive(args, *names: str) -> None:
+    """A clear error for a count option below 1 (and a negative ``--stop-at``), before any model loads."""
+    from ..errors import VlpruneError
+
+    for name in names:
+        if getattr(args, name) < 1:
+            raise VlpruneError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if getattr(args, "stop_at", 0) < 0:
+        raise VlpruneError(f"--stop-at must be >= 0 (0: run all --steps); got {args.stop_at}")
+
+
+def fit(args, tensors: dict, step: Callable, log: Log, start: str) -> float | None:
+    """Train ``tensors`` with AdamW (linear warm-up, cosine decay, gradient norm clipped at 1) for
+    ``args.steps`` steps of ``step(rng) -> (loss, {name: float shown in the log})``, resumable: a checkpoint
+    (tensors, optimiser, random state, step, time) goes to ``args.out/checkpoint.pt`` every ``--save-every``
+    steps and at ``--stop-at``. Returns the minutes spent over all runs, or None when stopped early."""
+    import numpy as np
+    import torch
+
+    opt = torch.optim.AdamW(tensors.values(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    done, spent = 0, 0.0
+    ckpt = args.out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                tensors[k].copy_(v)
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state, done, spent = state["rng"], state["step"], state["seconds"]
+        log(f"resumed at step {done}")
+    else:
+        log(start)
+    t0, first, avg = time.time(), done, {}
+    stop = min(args.steps, args.stop_at or args.steps)
+    while done < stop:
+        lr = args.lr * min(1.0, (done + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * done / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, shown = step(rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(tensors.values()), 1.0)
+        opt.step()
+        done += 1
+        avg = {k: v if k not in avg else 0.9 * avg[k] + 0.1 * v for k, v in shown.items()}  # smoothed for the log
+        if done % args.log_every == 0 or done == args.steps:
+            log(f"step {done}/{args.steps} " + " ".join(f"{k} {v:.3f}" for k, v in avg.items()) +
+                f" lr {lr:.1e} - {(time.time() - t0) / (done - first):.2f} s/step, "
+                f"ETA {eta(done - first, args.steps - first, t0)}")
+        if done % args.save_every == 0 or done == stop:
+            torch.save({"params": {k: v.detach() for k, v in tensors.items()}, "opt": opt.state_dict(),
+                        "rng": rng.bit_generator.state, "step": done, "seconds": spent + time.time() - t0}, ckpt)
+    if done < args.steps:
+        log(f"stopped at step {done} of {args.steps}; the same command without --stop-at resumes")
+        return None
+    return (spent + time.time() - t0) / 60

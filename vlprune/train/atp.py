@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.atp import default_layers, init_tensors, modules, redundancy, spatial_scores, thresholds
 from ..errors import VlpruneError
-from . import Log, eta
+from . import Log, check_positive, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
@@ -52,16 +51,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--temperature", type=float, default=10.0, help="of the soft masks")
     ap.add_argument("--lam", type=float, default=3.0, help="spatial score: 1 - lam * sampling rate")
     ap.add_argument("--hidden", type=int, default=64, help="the threshold networks' hidden width")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=32, help="image-question pairs per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--val", type=int, default=200, help="validation scenes")
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--stop-at", type=int, default=0,
-                    help="stop after this step with a checkpoint (the same command without it resumes)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=10)
+    step_arguments(ap, steps=400, batch=32, lr=3e-3, warmup=20, save_every=50, log_every=10,
+                   batch_help="image-question pairs per step")
 
 
 def attention(attn, x, position_embeddings, mask) -> torch.Tensor:
@@ -219,80 +211,40 @@ def _layers(text, depth) -> list[int]:
 
 
 def run(args) -> Path:
-    for name in ("steps", "batch", "hidden", "val", "save_every", "warmup", "examples"):
-        if getattr(args, name) < 1:
-            raise VlpruneError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    check_positive(args, "steps", "batch", "hidden", "val", "save_every", "warmup", "examples")
     if not 0 < args.budget <= 1:
         raise VlpruneError(f"--budget must be in (0, 1] (a share of image tokens); got {args.budget}")
-    if args.stop_at < 0:
-        raise VlpruneError(f"--stop-at must be >= 0 (0: run all --steps); got {args.stop_at}")
-    if args.model is None:
-        model, train, val = _embedded(args)
-    else:
-        model, train, val = _hugging_face(args)
+    model, train, val = _embedded(args) if args.model is None else _hugging_face(args)
     model.requires_grad_(False)
     layers = model.model.language_model.layers
     plan = _layers(args.layers, len(layers))
-
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "train.log")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
     torch.manual_seed(args.seed)
     tensors = {k: v.to(model.device).requires_grad_(True) for k, v in init_tensors(plan, args.hidden).items()}
     soft = SoftModules(layers, plan, modules(tensors), args.lam, args.temperature)
-    opt = torch.optim.AdamW(tensors.values(), lr=args.lr, weight_decay=0.0)
-    rng = np.random.default_rng(args.seed)
-    step, spent = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                tensors[k].copy_(v)
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state, step, spent = state["rng"], state["step"], state["seconds"]
-        log(f"resumed at step {step}")
-    else:
-        log(f"training atp: modules before layers {plan}, args {vars(args)}")
 
-    t0, first, avg = time.time(), step, None
-    stop = min(args.steps, args.stop_at or args.steps)
+    def step(rng):
+        logits, labels, share = train(soft, rng)
+        answer = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        budget = args.budget_weight * (share.mean() - args.budget) ** 2
+        return answer + budget, {"answer loss": answer.item(), "share": share.mean().item()}
+
     try:
-        while step < stop:
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            logits, labels, share = train(soft, rng)
-            answer = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            budget = args.budget_weight * (share.mean() - args.budget) ** 2
-            opt.zero_grad(set_to_none=True)
-            (answer + budget).backward()
-            torch.nn.utils.clip_grad_norm_(list(tensors.values()), 1.0)
-            opt.step()
-            step += 1
-            now = (answer.item(), share.mean().item())
-            avg = now if avg is None else tuple(0.9 * a + 0.1 * b for a, b in zip(avg, now))
-            if step % args.log_every == 0 or step == args.steps:
-                log(f"step {step}/{args.steps} answer loss {avg[0]:.3f} share {avg[1]:.3f} lr {lr:.1e} - "
-                    f"{(time.time() - t0) / (step - first):.2f} s/step, ETA {eta(step - first, args.steps - first, t0)}")
-            if step % args.save_every == 0 or step == stop:
-                torch.save({"params": {k: v.detach() for k, v in tensors.items()}, "opt": opt.state_dict(),
-                            "rng": rng.bit_generator.state, "step": step, "seconds": spent + time.time() - t0}, ckpt)
-        if step < args.steps:
-            log(f"stopped at step {step} of {args.steps}; the same command without --stop-at resumes")
-            return out
-        minutes = (spent + time.time() - t0) / 60
+        minutes = fit(args, tensors, step, log, f"training atp: modules before layers {plan}, args {vars(args)}")
+        if minutes is None:
+            return args.out
         val = validate(val(soft))
     finally:
         soft.remove()
     log(f"validation (soft masks): loss {val['loss']:.3f} acc {val['token_accuracy']:.3f} share {val['mean_share']:.3f}")
-    trained = {"args": {k: str(v) for k, v in vars(args).items()}, "layers": plan, "steps": step,
+    trained = {"args": {k: str(v) for k, v in vars(args).items()}, "layers": plan, "steps": args.steps,
                "minutes": round(minutes, 1), "validation": val, "torch": torch.__version__}
-    learned.save(out, "atp", learned.signature(model), {k: v.detach() for k, v in tensors.items()},
+    learned.save(args.out, "atp", learned.signature(model), {k: v.detach() for k, v in tensors.items()},
                  lam=args.lam, temperature=args.temperature, trained=trained)
-    (out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
-    log(f"wrote {out} after {minutes:.1f} min")
-    return out
+    (args.out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
+    log(f"wrote {args.out} after {minutes:.1f} min")
+    return args.out
 
 
 def _embedded(args):

@@ -9,12 +9,14 @@ Resumable from ``--out`` (a checkpoint every ``--save-every`` steps); it writes 
 ``train_log.json`` (arguments, validation loss and answer-token accuracy at each count, time).
 
 The features are the frozen tower's, computed once: ``python -m vlprune.embedded.features --out DIR``.
+With ``--model`` (a Hugging Face LLaVA-style VLM, one square-grid image per prompt) it trains on a JSONL of
+{"image", "question", "answer"} instead, through the patched model itself (``eval/recipes/tokenflex-llava15.md``),
+holding out a tenth to validate.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +26,26 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.tokenflex import init_tensors, pooling, weigh
 from ..errors import VlpruneError
-from . import Log, eta
+from . import Log, check_positive, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
     ap.add_argument("--data", type=Path, default=Path("/tmp/vlprune_embedded"),
-                    help="tower features written by `python -m vlprune.embedded.features --out DIR`")
+                    help="tower features written by `python -m vlprune.embedded.features --out DIR`; with "
+                         "--model, a JSONL of {\"image\": path, \"question\", \"answer\"}")
+    ap.add_argument("--model", default=None,
+                    help="a Hugging Face VLM (hub id or folder; needs --data FILE.jsonl) - default: the embedded model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--examples", type=int, default=20000, help="with --model: prompts read from --data")
     ap.add_argument("--counts", default="25,64,121",
                     help="visual-token counts drawn at random each step (one count: fixed-count training)")
     ap.add_argument("--eval-counts", default="25,64,121", help="counts the validation reports")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16, help="images per step")
-    ap.add_argument("--questions", type=int, default=16, help="questions per image and step")
+    ap.add_argument("--questions", type=int, default=16, help="questions per image and step (embedded model)")
     ap.add_argument("--hidden", type=int, default=768, help="the SwiGLU's hidden width")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--val", type=int, default=200, help="validation scenes")
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--stop-at", type=int, default=0,
-                    help="stop after this step with a checkpoint (the same command without it resumes)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--val", type=int, default=200, help="validation scenes (with --model: held-out prompts)")
+    step_arguments(ap, steps=600, batch=16, lr=1e-3, warmup=30, save_every=100, log_every=20,
+                   batch_help="images per step")
 
 
 def _counts(text: str, flag: str, n: int) -> list[int]:
@@ -71,25 +72,59 @@ def forward(model, batcher, feats, qa_lists, k: int, params: dict, grid: tuple[i
     return model.lm_head(hidden), labels
 
 
-@torch.no_grad()
-def validate(model, batcher, feats, recs, counts, params, grid) -> dict:
-    """Answer-token loss and accuracy (teacher-forced) on the validation scenes at each count."""
-    out = {}
-    for k in counts:
-        loss = hits = total = 0.0
-        for start in range(0, len(recs), 50):
-            qa = [recs[i]["qas"] for i in range(start, min(len(recs), start + 50))]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, labels = forward(model, batcher, feats[start:start + len(qa)], qa, k, params, grid)
-            sel = labels != -100
-            loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
-            hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
-            total += sel.sum().item()
-        out[str(k)] = {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4)}
-    return out
-
-
 def run(args) -> Path:
+    check_positive(args, "steps", "batch", "questions", "hidden", "val", "save_every", "warmup", "examples")
+    counts = eval_counts = None
+
+    def check(n):  # before the model loads
+        nonlocal counts, eval_counts
+        counts, eval_counts = _counts(args.counts, "--counts", n), _counts(args.eval_counts, "--eval-counts", n)
+
+    model, train, validate = _embedded(args, check) if args.model is None else _hugging_face(args, check)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    torch.manual_seed(args.seed)
+    width = model.config.vision_config.hidden_size
+    params = {k: v.to(model.device).requires_grad_(True) for k, v in init_tensors(width, args.hidden).items()}
+
+    def step(rng):
+        k = counts[rng.integers(len(counts))]
+        logits, labels = train(params, k, rng)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return loss, {"loss": loss.item()}
+
+    minutes = fit(args, params, step, log, f"training tokenflex: counts {counts}, args {vars(args)}")
+    if minutes is None:
+        return args.out
+    val = {}
+    for k in eval_counts:
+        val[str(k)] = scored(validate(params, k))
+    log("val " + ", ".join(f"k={k}: loss {v['loss']:.3f} acc {v['token_accuracy']:.3f}" for k, v in val.items()))
+    trained = {"args": {k: str(v) for k, v in vars(args).items()}, "counts": counts, "steps": args.steps,
+               "minutes": round(minutes, 1), "validation": val, "torch": torch.__version__}
+    learned.save(args.out, "tokenflex", learned.signature(model), {k: v.detach() for k, v in params.items()},
+                 trained=trained)
+    (args.out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
+    log(f"wrote {args.out} after {minutes:.1f} min")
+    return args.out
+
+
+@torch.no_grad()
+def scored(batches) -> dict:
+    """Answer-token loss and accuracy (teacher-forced) over ``batches`` of (logits, labels)."""
+    loss = hits = total = 0.0
+    for logits, labels in batches:
+        sel = labels != -100
+        loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
+        hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
+        total += sel.sum().item()
+    return {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4)}
+
+
+def _embedded(args, check):
+    """(model, train(params, k, rng) -> (logits, labels), validate(params, k) -> batches) on the embedded
+    model's tower features: the block, the frozen projector and LM only. ``check(patch tokens per image)``
+    runs before the model loads."""
     from ..embedded import load_embedded
     from ..embedded.train import Batcher, load_split, scene_questions
 
@@ -98,75 +133,82 @@ def run(args) -> Path:
                            f"`python -m vlprune.embedded.features --out {args.data}`")
     feats, _, _, recs = load_split(args.data, "train")
     n = feats.shape[1]  # patch tokens per image, a square grid
-    counts = _counts(args.counts, "--counts", n)
-    eval_counts = _counts(args.eval_counts, "--eval-counts", n)
-    for name in ("steps", "batch", "questions", "hidden", "val", "save_every", "warmup"):
-        if getattr(args, name) < 1:
-            raise VlpruneError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    if args.stop_at < 0:
-        raise VlpruneError(f"--stop-at must be >= 0 (0: run all --steps); got {args.stop_at}")
-    side = math.isqrt(n)
-    grid = (side, side)
-    model, processor = load_embedded()
-    model.requires_grad_(False)
+    grid = (math.isqrt(n), math.isqrt(n))
+    check(n)
     vfeats, _, _, vrecs = load_split(args.data, "val")
     vfeats, vrecs = torch.from_numpy(np.array(vfeats[:args.val])).float(), vrecs[:args.val]
+    model, processor = load_embedded()
+    model.requires_grad_(False)
     batcher = Batcher(processor.tokenizer)
 
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "train.log")
-
-    torch.manual_seed(args.seed)
-    params = {k: v.requires_grad_(True) for k, v in init_tensors(feats.shape[-1], args.hidden).items()}
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
-    rng = np.random.default_rng(args.seed)
-    step, spent = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                params[k].copy_(v)
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state, step, spent = state["rng"], state["step"], state["seconds"]
-        log(f"resumed at step {step}")
-    else:
-        log(f"training tokenflex: {len(recs)} scenes, counts {counts}, args {vars(args)}")
-
-    t0, first, avg = time.time(), step, None
-    stop = min(args.steps, args.stop_at or args.steps)
-    while step < stop:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        k = counts[rng.integers(len(counts))]
+    def train(params, k, rng):
         idx = np.sort(rng.choice(len(feats), args.batch, replace=False))
         qa = [scene_questions(recs[i]["objects"], rng, args.questions) for i in idx]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, labels = forward(model, batcher, torch.from_numpy(feats[idx]).float(), qa, k, params, grid)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        step += 1
-        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
-        if step % args.log_every == 0 or step == args.steps:
-            log(f"step {step}/{args.steps} loss {avg:.3f} lr {lr:.1e} - {(time.time() - t0) / (step - first):.2f} "
-                f"s/step, ETA {eta(step - first, args.steps - first, t0)}")
-        if step % args.save_every == 0 or step == stop:
-            torch.save({"params": {k: v.detach() for k, v in params.items()}, "opt": opt.state_dict(),
-                        "rng": rng.bit_generator.state, "step": step, "seconds": spent + time.time() - t0}, ckpt)
-    if step < args.steps:
-        log(f"stopped at step {step} of {args.steps}; the same command without --stop-at resumes")
-        return out
-    minutes = (spent + time.time() - t0) / 60
-    val = validate(model, batcher, vfeats, vrecs, eval_counts, params, grid)
-    log("val " + ", ".join(f"k={k}: loss {v['loss']:.3f} acc {v['token_accuracy']:.3f}" for k, v in val.items()))
-    trained = {"args": {k: str(v) for k, v in vars(args).items()}, "counts": counts, "steps": step,
-               "minutes": round(minutes, 1), "validation": val, "torch": torch.__version__}
-    learned.save(out, "tokenflex", learned.signature(model), {k: v.detach() for k, v in params.items()}, trained=trained)
-    (out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
-    log(f"wrote {out} after {minutes:.1f} min")
-    return out
+            return forward(model, batcher, torch.from_numpy(feats[idx]).float(), qa, k, params, grid)
+
+    def validate(params, k):
+        for start in range(0, len(vrecs), 50):
+            qa = [vrecs[i]["qas"] for i in range(start, min(len(vrecs), start + 50))]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yield forward(model, batcher, vfeats[start:start + len(qa)], qa, k, params, grid)
+
+    return model, train, validate
+
+
+def _hugging_face(args, check):
+    """The same on ``--model`` (a Hugging Face LLaVA-style VLM, one square-grid image per prompt) and a JSONL
+    of prompts (a tenth, at least one, held out): the block runs inside the patched model itself,
+    ``vlprune.patch(model, "tokenflex", keep=k)`` with the trained tensors bound to it, tower and all."""
+    import vlprune
+
+    from .dyvte import answer_inputs, load_base, read_jsonl
+
+    if args.data.suffix != ".jsonl":
+        raise VlpruneError(f"--model needs --data FILE.jsonl (one {{\"image\", \"question\", \"answer\"}} per line); "
+                           f"got {str(args.data)!r}")
+    data = read_jsonl(args.data, args.examples)
+    held = max(1, len(data) // 10)
+    if len(data) <= held:
+        raise VlpruneError(f"--data {str(args.data)!r} needs at least 2 prompts (a tenth is held out); got {len(data)}")
+    held_out, data = data[:held], data[held:]
+    n = _grid_tokens(args.model)
+    check(n)
+    model, processor = load_base(args)
+    model.requires_grad_(False)
+    start = learned.save(args.out / "start", "tokenflex", learned.signature(model),
+                         init_tensors(model.config.vision_config.hidden_size, args.hidden))  # what patch() checks
+    got = int((answer_inputs(model, processor, data[:1])[0]["input_ids"] == model.config.image_token_id).sum())
+    if got != n:
+        raise VlpruneError(f"vlprune-train tokenflex --model needs one {n}-token square-grid image per prompt "
+                           f"(LLaVA-1.5 style); the processor gave {got}")
+
+    def forward_hf(params, k, chunk):
+        inputs, _, targets = answer_inputs(model, processor, chunk)
+        with vlprune.pruned(model, "tokenflex", weights=str(start), keep=k) as handle:
+            handle.method.bind(params)
+            logits = model(**inputs).logits  # the pruned sequence: each image n - k positions shorter
+        rows, cols = targets.nonzero(as_tuple=True)
+        labels = torch.full(logits.shape[:2], -100, device=logits.device)
+        labels[rows, cols - 1 - (n - k)] = inputs["input_ids"][rows, cols]
+        return logits, labels
+
+    def train(params, k, rng):
+        idx = np.sort(rng.choice(len(data), min(args.batch, len(data)), replace=False))
+        return forward_hf(params, k, [data[i] for i in idx])
+
+    def validate(params, k):
+        for a in range(0, min(len(held_out), args.val), args.batch):
+            yield forward_hf(params, k, held_out[a:a + args.batch])
+
+    return model, train, validate
+
+
+def _grid_tokens(name) -> int:
+    """The visual tokens of one image of ``--model`` by its config (LLaVA-1.5 style: the patch grid, no [CLS])."""
+    from transformers import AutoConfig
+
+    vision = getattr(AutoConfig.from_pretrained(name), "vision_config", None)
+    if vision is None or not hasattr(vision, "patch_size"):
+        raise VlpruneError(f"vlprune-train tokenflex --model needs a LLaVA-style VLM with a vision_config; got {name!r}")
+    return (vision.image_size // vision.patch_size) ** 2
