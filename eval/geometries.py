@@ -35,57 +35,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlprune.errors import VlpruneError
 
-IMAGE_TOKEN = 32000  # LLaVA-1.5 / NeXT (Vicuna vocabulary of 32064)
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-#: a hidden test hook (``--tiny-vision``): the same depth, patch and image geometry, 64 wide
-CLIP_TINY = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=64)
-NEXT_7B_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-QWEN_7B_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2, hidden_act="silu")
-QWEN_TINY_VISION = dict(QWEN_7B_VISION, hidden_size=64, num_heads=2, intermediate_size=128)
-QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                vision_end_token_id=151653)
+from .configs import (CLIP_L_336, CLIP_TINY, IMAGE_TOKEN, NEXT_7B_PINPOINTS, QWEN_7B_VISION,  # noqa: F401 - re-exported
+                      QWEN_TINY_VISION, build, lm_heads, llama_text, llava15_config, llava_next_config,
+                      qwen2_5_vl_config, qwen_text)
+
 TEXT_BEFORE, TEXT_AFTER = 20, 30  # prompt text around the image: a short question-like context
-
-
-# -- LM shapes -----------------------------------------------------------------------------------------
-def lm_heads(width: int) -> tuple[int, int]:
-    """(heads, head_dim): 128-dim heads as in the 7B models, 64-dim below 128 wide (the test scale)."""
-    if width < 64 or width % 64:
-        raise VlpruneError(f"--lm-width must be a positive multiple of 64 (128-dim heads from 128 on); got {width}")
-    head_dim = 128 if width % 128 == 0 else 64
-    return width // head_dim, head_dim
-
-
-def llama_text(width: int, layers: int, vocab: int = 32064):
-    """Vicuna-7B's Llama at another width/depth: MHA, MLP 11008/4096 of the width."""
-    from transformers import LlamaConfig
-
-    heads, _ = lm_heads(width)
-    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 11008 // 4096,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=8192, pad_token_id=0)
-
-
-def qwen_text(width: int, layers: int) -> dict:
-    """Qwen2.5-7B's decoder at another width/depth: >= 7 query heads per key/value head (7B: 28/4), MLP 18944/3584
-    of the width, M-RoPE sections in the 7B's proportions (16/24/24 of a 128-dim head's 64 frequencies)."""
-    heads, head_dim = lm_heads(width)
-    kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 7))
-    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    return dict(vocab_size=152064, hidden_size=width, intermediate_size=width * 18944 // 3584, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, pad_token_id=151643,
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section})
-
-
-def _build(cls, cfg, device, dtype, attn, seed):
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
-    return model.eval()
 
 
 def _text_ids(batch: int, device, image_block: list[int]) -> torch.Tensor:
@@ -96,11 +50,10 @@ def _text_ids(batch: int, device, image_block: list[int]) -> torch.Tensor:
 # -- LLaVA-1.5 (and every LlavaForConditionalGeneration: the embedded model) --------------------------
 def build_llava15(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=CLIP_L_336):
     """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 exactly; a Llama LM of ``lm_width`` (4096 = 7B) and depth."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=llama_text(lm_width, lm_layers),
-                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    return _build(LlavaForConditionalGeneration, cfg, device, dtype, attn, seed)
+    cfg = llava15_config(vision, llama_text(lm_width, lm_layers))
+    return build(LlavaForConditionalGeneration, cfg, device, dtype, attn, seed)
 
 
 def llava15_inputs(batch: int, device, dtype, n: int = 576, size: int = 336, image_token: int = IMAGE_TOKEN):
@@ -171,12 +124,10 @@ def eager_reference_call(model, inputs, k: int):
 # -- LLaVA-NeXT (AnyRes) ----------------------------------------------------------------------------
 def build_llava_next(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=CLIP_L_336):
     """LLaVA-NeXT-7B (Vicuna) shapes: CLIP ViT-L/14-336, the 7B's pinpoints, a Llama LM as for LLaVA-1.5."""
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
-    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=llama_text(lm_width, lm_layers),
-                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=NEXT_7B_PINPOINTS)
-    return _build(LlavaNextForConditionalGeneration, cfg, device, dtype, attn, seed)
+    cfg = llava_next_config(vision, llama_text(lm_width, lm_layers), NEXT_7B_PINPOINTS)
+    return build(LlavaNextForConditionalGeneration, cfg, device, dtype, attn, seed)
 
 
 def next_layout(size: tuple[int, int], pinpoints, image_px: int = 336, patch: int = 14):
@@ -273,11 +224,10 @@ def next_eager_reference_call(model, inputs, k: int):
 def build_qwen2_5_vl(device, dtype, lm_layers: int, lm_width: int, attn: str, seed: int = 0, vision=QWEN_7B_VISION):
     """Qwen2.5-VL-7B's vision tower exactly (32 blocks, 1280 wide, 112 px windows, full attention in blocks
     7/15/23/31, 2x2 merger into the LM width), a Qwen2 LM of ``lm_width`` (3584 = 7B) and depth."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cfg = Qwen2_5_VLConfig(vision_config=dict(vision, out_hidden_size=lm_width), text_config=qwen_text(lm_width, lm_layers),
-                           **QWEN_IDS)
-    return _build(Qwen2_5_VLForConditionalGeneration, cfg, device, dtype, attn, seed)
+    cfg = qwen2_5_vl_config(vision, qwen_text(lm_width, lm_layers))
+    return build(Qwen2_5_VLForConditionalGeneration, cfg, device, dtype, attn, seed)
 
 
 def qwen_grid(size: tuple[int, int], patch: int = 14, merge: int = 2) -> tuple[int, int]:

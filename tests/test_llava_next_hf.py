@@ -10,7 +10,8 @@ from PIL import Image
 
 import vlprune
 from test_contract import LMInputs, adaptive, budget
-from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, fail_if_left_patched, sharpen
+from tiny import DEVICE, IMAGE_TOKEN, PAD, VOCAB, fail_if_left_patched, sharpen, tiny_clip, tiny_text
+from vlprune.eval import configs
 from vlprune.patches.llava_next_hf import LlavaNextHF, anyres_layout, split_budget
 from vlprune.registry import get_method
 
@@ -24,15 +25,7 @@ HIGH = {"square": (4, 4), "wide": (2, 8), "tall": (8, 2), "big": (6, 8)}
 
 # -- the tiny model and its processor ---------------------------------------------------------------
 def next_config(vision_layers=12, lm_layers=4):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
-
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, image_size=56, patch_size=14, projection_dim=64)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD,
-                       bos_token_id=1, eos_token_id=2)
-    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
+    return configs.llava_next_config(tiny_clip(vision_layers), tiny_text(lm_layers), PINPOINTS, IMAGE_TOKEN)
 
 
 def load(path, **kwargs):
@@ -370,20 +363,16 @@ def test_patched_model_is_isolated(nxt, next_path):
 
 
 # -- LLaVA-NeXT-7B's real vision geometry -----------------------------------------------------------
-NEXT_7B_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+NEXT_7B_PINPOINTS = configs.NEXT_7B_PINPOINTS
 
 
 def test_real_geometry_counts_quotas_newlines_and_per_view_cls_rows():
     """CLIP ViT-L/14-336 (24 layers, 24 x 24 patches per view) with LLaVA-NeXT-7B's pinpoints, random weights,
     a 1-layer LM. A 320 x 672 image takes 1 x 2 crops; unpadding leaves 22 of the 24 x 48 high-res rows."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=PAD)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-                          vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_7B_PINPOINTS)
+    cfg = configs.llava_next_config(configs.CLIP_L_336, dict(tiny_text(1), max_position_embeddings=4096),
+                                    NEXT_7B_PINPOINTS, IMAGE_TOKEN)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval().to(DEVICE)
     with torch.no_grad():  # sharpen the random attention so no per-view top-q boundary is a near-tie

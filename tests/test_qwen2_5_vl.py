@@ -13,7 +13,9 @@ from PIL import Image
 
 import vlprune
 from tiny import DEVICE, fail_if_left_patched, learned_options, sharpen
-from vlprune.patches.qwen2_5_vl import Qwen2_5_VL, window_layout
+from vlprune.eval import configs
+from vlprune.patches._qwen_vision import window_layout
+from vlprune.patches.qwen2_5_vl import Qwen2_5_VL
 from vlprune.registry import get_method
 
 PAD, BOS, EOS, VSTART, VEND, IMG, VID = 0, 1, 2, 3, 4, 5, 6
@@ -31,19 +33,15 @@ def qwen_config(depth=4, fullatt=(1, 3), window=56, lm_layers=4, vision_hidden=3
                 lm_heads=4, lm_kv_heads=2, mrope=(2, 3, 3), lm_intermediate=128, vision_intermediate=None):
     """Blocks 0 and 2 windowed, 1 and 3 full (as in 7B, block -2 is windowed and -1 full); window=56 px holds
     2 x 2 merged units, so 4 x 4- and 3 x 5-unit grids really split into (ragged) windows."""
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        vision_config=dict(depth=depth, hidden_size=vision_hidden, num_heads=heads,
-                           intermediate_size=vision_intermediate or 2 * vision_hidden, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=window, out_hidden_size=out_hidden, fullatt_block_indexes=list(fullatt),
-                           in_channels=3, tokens_per_second=2),
-        text_config=dict(vocab_size=VOCAB, hidden_size=out_hidden, intermediate_size=lm_intermediate,
-                         num_hidden_layers=lm_layers, num_attention_heads=lm_heads, num_key_value_heads=lm_kv_heads,
-                         max_position_embeddings=4096, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope)}),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    vision = dict(depth=depth, hidden_size=vision_hidden, num_heads=heads, intermediate_size=vision_intermediate or 2 * vision_hidden,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=window,
+                  fullatt_block_indexes=list(fullatt), in_channels=3, tokens_per_second=2)
+    text = dict(vocab_size=VOCAB, hidden_size=out_hidden, intermediate_size=lm_intermediate, num_hidden_layers=lm_layers,
+                num_attention_heads=lm_heads, num_key_value_heads=lm_kv_heads, max_position_embeddings=4096,
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope)})
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    return configs.qwen2_5_vl_config(vision, text, ids)
 
 
 def build_qwen(path=None, attn="sdpa", seed=0, **cfg):

@@ -1,20 +1,16 @@
 """LLaVA-1.5's real vision geometry (CLIP ViT-L/14-336: 24 layers, 577 tokens), random weights, tiny LM."""
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 import vlprune
-from tiny import DEVICE, IMAGE_TOKEN, batch, pixels, prompt
+from tiny import DEVICE, IMAGE_TOKEN, batch, pixels, prompt, tiny_text
+from vlprune.eval import configs
 
 
 @pytest.fixture(scope="module")
 def vit_l_llava():
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg = configs.llava15_config(configs.CLIP_L_336, dict(tiny_text(1), max_position_embeddings=1024), IMAGE_TOKEN)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval().to(DEVICE)
     with torch.no_grad():  # sharpen the random attention so the top-64 boundary is not a near-tie

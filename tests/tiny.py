@@ -8,7 +8,9 @@ import os
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
+
+from vlprune.eval import configs
 
 DEVICE = torch.device(os.environ.get("VLPRUNE_TEST_DEVICE", "cpu"))
 IMAGE_TOKEN = 5
@@ -17,20 +19,23 @@ VOCAB = 64
 IMAGE_SIZE = 56  # 4 x 4 = 16 patches of 14 px
 
 
+def tiny_text(lm_layers=4) -> dict:
+    """The tests' 64-wide Llama LM (GQA 4/2) on a 64-token vocabulary."""
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2)
+
+
+def tiny_clip(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidden=64, heads=4, vision_intermediate=None):
+    return dict(hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
+                num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                projection_dim=vision_hidden)
+
+
 def llava_config(vision_layers=12, image_size=IMAGE_SIZE, patch=14, vision_hidden=64, heads=4, lm_layers=4,
                  vision_intermediate=None):
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
-        num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size, patch_size=patch,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD,
-        bos_token_id=1, eos_token_id=2,
-    )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return configs.llava15_config(tiny_clip(vision_layers, image_size, patch, vision_hidden, heads, vision_intermediate),
+                                  tiny_text(lm_layers), IMAGE_TOKEN)
 
 
 def fail_if_left_patched(model):
@@ -65,15 +70,12 @@ def build_llava(path=None, attn="sdpa", seed=0, **cfg):
 def dinov2_llava(lm_layers=4):
     """A LLaVA with a tiny random DINOv2 tower (the embedded model's family): 6 layers x 64 wide, 56 px ->
     [CLS] + 16 patches, reading layer -2; a Llama LM 64 wide. Seeded, on the CPU."""
-    from transformers import Dinov2Config
-
     torch.manual_seed(0)
-    vision = Dinov2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
-                          patch_size=14, image_size=56, use_mask_token=False)
-    text = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers,
-                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=5, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
+    vision = dict(model_type="dinov2", hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
+                  patch_size=14, image_size=56, use_mask_token=False)
+    text = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers, num_attention_heads=4,
+                num_key_value_heads=4, pad_token_id=0)
+    cfg = configs.llava15_config(vision, text, image_token=5)
     return LlavaForConditionalGeneration._from_config(cfg).eval()
 
 
