@@ -62,6 +62,18 @@ def eta(done: int, total: int, t0: float) -> str:
     return f"{left / 60:.1f} min"
 
 
+def data_arguments(ap) -> None:
+    """Where a trainer's examples come from: the embedded model's tower features, or ``--model`` + a JSONL."""
+    ap.add_argument("--data", type=Path, default=Path("/tmp/vlprune_embedded"),
+                    help="tower features written by `python -m vlprune.embedded.features --out DIR`; with "
+                         "--model, a JSONL of {\"image\": path, \"question\", \"answer\"}")
+    ap.add_argument("--model", default=None,
+                    help="a Hugging Face VLM (hub id or folder; needs --data FILE.jsonl) - default: the embedded model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--examples", type=int, default=20000, help="with --model: prompts read from --data")
+
+
 def step_arguments(ap, *, steps: int, batch: int, lr: float, warmup: int, save_every: int, log_every: int,
                    batch_help: str) -> None:
     """The options of a step-based trainer (``fit``), with that trainer's defaults."""
@@ -133,3 +145,32 @@ def fit(args, tensors: dict, step: Callable, log: Log, start: str) -> float | No
         log(f"stopped at step {done} of {args.steps}; the same command without --stop-at resumes")
         return None
     return (spent + time.time() - t0) / 60
+
+
+def jsonl_prompts(args) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) prompts of ``--data FILE.jsonl`` for a ``--model`` run: the first tenth (at least
+    one) held out to validate, each a clear error before the model loads."""
+    from ..errors import VlpruneError
+    from .dyvte import read_jsonl
+
+    if args.data.suffix != ".jsonl":
+        raise VlpruneError(f"--model needs --data FILE.jsonl (one {{\"image\", \"question\", \"answer\"}} per line); "
+                           f"got {str(args.data)!r}")
+    data = read_jsonl(args.data, args.examples)
+    held = max(1, len(data) // 10)
+    if len(data) <= held:
+        raise VlpruneError(f"--data {str(args.data)!r} needs at least 2 prompts (a tenth is held out); got {len(data)}")
+    return data[held:], data[:held]
+
+
+def draw_prompts(data: list, args, rng) -> list:
+    """One step's ``--batch`` prompts (all, if fewer), drawn without replacement, in file order."""
+    import numpy as np
+
+    return [data[i] for i in np.sort(rng.choice(len(data), min(args.batch, len(data)), replace=False))]
+
+
+def held_out_chunks(held_out: list, args):
+    """The first ``--val`` held-out prompts in chunks of ``--batch``."""
+    for a in range(0, min(len(held_out), args.val), args.batch):
+        yield held_out[a:a + args.batch]

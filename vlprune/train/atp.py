@@ -29,18 +29,11 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.atp import default_layers, init_tensors, modules, redundancy, spatial_scores, thresholds
 from ..errors import VlpruneError
-from . import Log, check_positive, fit, step_arguments
+from . import Log, check_positive, data_arguments, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--data", type=Path, default=Path("/tmp/vlprune_embedded"),
-                    help="tower features written by `python -m vlprune.embedded.features --out DIR`; with "
-                         "--model, a JSONL of {\"image\": path, \"question\", \"answer\"}")
-    ap.add_argument("--model", default=None,
-                    help="a Hugging Face VLM (hub id or folder; needs --data FILE.jsonl) - default: the embedded model")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--examples", type=int, default=20000, help="with --model: prompts read from --data")
+    data_arguments(ap)
     ap.add_argument("--layers", default=None,
                     help="decoder layers the modules prune before, comma-separated (default: 4/32, 14/32 and "
                          "24/32 of the depth)")
@@ -278,24 +271,17 @@ def _embedded(args):
 
 def _hugging_face(args):
     """The same on ``--model`` and a JSONL of prompts (a tenth, at least one, held out)."""
-    from .dyvte import load_base, read_jsonl
+    from . import draw_prompts, held_out_chunks, jsonl_prompts
+    from .dyvte import load_base
 
-    if args.data.suffix != ".jsonl":
-        raise VlpruneError(f"--model needs --data FILE.jsonl (one {{\"image\", \"question\", \"answer\"}} per line); "
-                           f"got {str(args.data)!r}")
-    data = read_jsonl(args.data, args.examples)
-    held = max(1, len(data) // 10)
-    if len(data) <= held:
-        raise VlpruneError(f"--data {str(args.data)!r} needs at least 2 prompts (a tenth is held out); got {len(data)}")
-    held_out, data = data[:held], data[held:]
+    data, held_out = jsonl_prompts(args)
     model, processor = load_base(args)
 
     def train(soft, rng):
-        idx = rng.choice(len(data), min(args.batch, len(data)), replace=False)
-        return forward_hf(model, processor, soft, [data[i] for i in np.sort(idx)])
+        return forward_hf(model, processor, soft, draw_prompts(data, args, rng))
 
     def val(soft):
-        for a in range(0, min(len(held_out), args.val), args.batch):
-            yield forward_hf(model, processor, soft, held_out[a:a + args.batch])
+        for chunk in held_out_chunks(held_out, args):
+            yield forward_hf(model, processor, soft, chunk)
 
     return model, train, val

@@ -26,18 +26,11 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.tokenflex import init_tensors, pooling, weigh
 from ..errors import VlpruneError
-from . import Log, check_positive, fit, step_arguments
+from . import Log, check_positive, data_arguments, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--data", type=Path, default=Path("/tmp/vlprune_embedded"),
-                    help="tower features written by `python -m vlprune.embedded.features --out DIR`; with "
-                         "--model, a JSONL of {\"image\": path, \"question\", \"answer\"}")
-    ap.add_argument("--model", default=None,
-                    help="a Hugging Face VLM (hub id or folder; needs --data FILE.jsonl) - default: the embedded model")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--examples", type=int, default=20000, help="with --model: prompts read from --data")
+    data_arguments(ap)
     ap.add_argument("--counts", default="25,64,121",
                     help="visual-token counts drawn at random each step (one count: fixed-count training)")
     ap.add_argument("--eval-counts", default="25,64,121", help="counts the validation reports")
@@ -162,16 +155,10 @@ def _hugging_face(args, check):
     ``vlprune.patch(model, "tokenflex", keep=k)`` with the trained tensors bound to it, tower and all."""
     import vlprune
 
-    from .dyvte import answer_inputs, load_base, read_jsonl
+    from . import draw_prompts, held_out_chunks, jsonl_prompts
+    from .dyvte import answer_inputs, load_base
 
-    if args.data.suffix != ".jsonl":
-        raise VlpruneError(f"--model needs --data FILE.jsonl (one {{\"image\", \"question\", \"answer\"}} per line); "
-                           f"got {str(args.data)!r}")
-    data = read_jsonl(args.data, args.examples)
-    held = max(1, len(data) // 10)
-    if len(data) <= held:
-        raise VlpruneError(f"--data {str(args.data)!r} needs at least 2 prompts (a tenth is held out); got {len(data)}")
-    held_out, data = data[:held], data[held:]
+    data, held_out = jsonl_prompts(args)
     n = _grid_tokens(args.model)
     check(n)
     model, processor = load_base(args)
@@ -194,12 +181,11 @@ def _hugging_face(args, check):
         return logits, labels
 
     def train(params, k, rng):
-        idx = np.sort(rng.choice(len(data), min(args.batch, len(data)), replace=False))
-        return forward_hf(params, k, [data[i] for i in idx])
+        return forward_hf(params, k, draw_prompts(data, args, rng))
 
     def validate(params, k):
-        for a in range(0, min(len(held_out), args.val), args.batch):
-            yield forward_hf(params, k, held_out[a:a + args.batch])
+        for chunk in held_out_chunks(held_out, args):
+            yield forward_hf(params, k, chunk)
 
     return model, train, validate
 
