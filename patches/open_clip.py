@@ -40,14 +40,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import Patcher
 from vlprune.registry import register_patcher
 
-from ._clip import KINDS, qk_signal, resolve_layer
+from ._clip import OpenClipTaps, resolve_layer
 from ._wrap import wrap_method
 
 _BLOCK_OUTPUTS = ("substitute: selects among the tower's block outputs (open_clip has no per-token projector); "
@@ -99,66 +98,6 @@ def vision_tower(model):
     return visual
 
 
-class _AttentionTaps:
-    """Signals of the blocks a method reads, from each attention module's input and fused in-projection."""
-
-    def __init__(self, blocks, requests, ledger, active):
-        self.values: dict = {}
-        self.macs = 0  # multiply-accumulates spent on signals in the current call
-        self._active = active
-        by_layer: dict[int, list] = {}
-        for req in requests:
-            if req.kind not in KINDS:
-                raise VlpruneError(f"signal kind {req.kind!r} is not available on open_clip towers "
-                                   f"(available: {', '.join(KINDS)})")
-            by_layer.setdefault(resolve_layer(req.layer, len(blocks)), []).append(req)
-        for idx, reqs in by_layer.items():
-            hook = functools.partial(self._on_input, reqs)
-            ledger.hook(blocks[idx].attn.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _on_input(self, reqs, attn, args, kwargs):
-        if not self._active():
-            return None
-        x = args[0] if args else kwargs.get("query", kwargs.get("x"))  # (B, T, D), ln_1 already applied
-        b, t, d = x.shape
-        heads = attn.num_heads
-        head_dim = d // heads
-        weight, bias = attn.in_proj_weight, attn.in_proj_bias
-
-        def project(part: int, rows):  # part 0/1/2 = q/k/v slice of the fused projection
-            self.macs += rows.shape[0] * rows.shape[1] * d * d
-            w = weight[part * d:(part + 1) * d]
-            return F.linear(rows, w, None if bias is None else bias[part * d:(part + 1) * d])
-
-        def split(y):  # (B, T', D) -> (B, heads, T', head_dim)
-            return y.view(b, y.shape[1], heads, head_dim).transpose(1, 2)
-
-        kinds = {r.kind for r in reqs}
-        qk = [r for r in reqs if r.kind not in ("values", "cls_value")]
-        if qk:
-            # the [CLS] row is all most signals need; attention_received needs every query
-            q = split(project(0, x if "attention_received" in kinds else x[:, :1]))
-            k = split(project(1, x))
-            q = getattr(attn, "ln_q", torch.nn.Identity())(q)  # open_clip Attention's optional qk-norm
-            k = getattr(attn, "ln_k", torch.nn.Identity())(k)
-            for req in qk:
-                self.values[req] = qk_signal(req.kind, q, k, head_dim ** -0.5)
-                if req.kind in ("cls_attention", "attention_received"):  # the logits q . K^T
-                    self.macs += b * q.shape[2] * t * d
-        if kinds & {"values", "cls_value"}:
-            v = split(project(2, x))
-            for req in reqs:
-                if req.kind == "values":
-                    self.values[req] = v[:, :, 1:].float()
-                elif req.kind == "cls_value":
-                    self.values[req] = v[:, :, 0].float()
-        return None
-
-    def take(self) -> dict:
-        values, self.values = self.values, {}
-        return values
-
-
 @register_patcher("CLIP", "CustomTextCLIP", "VisionTransformer")
 class OpenClipViT(Patcher):
     """open_clip ViT towers: a cut (or FlowCut's progressive cuts) between blocks; see the module docstring."""
@@ -193,7 +132,7 @@ class OpenClipViT(Patcher):
         if owner is not None and owner is not self.handle:
             owner.remove()  # the tower patched through another object (CLIP vs its .visual): replace, never stack
         self.ledger.set_attr(self.visual, "_vlprune_owner", self.handle)
-        self.taps = _AttentionTaps(self.blocks, self.requests, self.ledger, lambda: self._pruning)
+        self.taps = OpenClipTaps(self.blocks, self.requests, self.ledger, lambda: self._pruning)
         if self.handle.method.stage == "in_encoder":
             for layer in self.plan:
                 hook = functools.partial(self._between_blocks, layer)

@@ -207,13 +207,13 @@ def test_cls_row_per_head_and_keys_from_the_fused_projection(clip):
     """The taps themselves, head by head, against need_weights=True and a hand-split in-projection."""
     from vlprune.hooks import Ledger
     from vlprune.builtin_methods.base import Signal
-    from vlprune.patches.open_clip import _AttentionTaps
+    from vlprune.patches._clip import OpenClipTaps
 
     x = images()
     ref = full_attention_cls_rows(clip.visual, x)[3]
     ledger, inputs = Ledger(), []
     blocks = clip.visual.transformer.resblocks
-    taps = _AttentionTaps(blocks, [Signal("cls_attention", -1), Signal("keys", -1), Signal("cls_value", -1)],
+    taps = OpenClipTaps(blocks, [Signal("cls_attention", -1), Signal("keys", -1), Signal("cls_value", -1)],
                           ledger, lambda: True)
     ledger.hook(blocks[3].attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0])))
     try:
