@@ -26,7 +26,7 @@ import sys
 import torch
 
 from vlprune import signals as sig
-from vlprune.builtin_methods.base import Signal
+from vlprune.builtin_methods.base import Selection, Signal
 from vlprune.errors import VlpruneError
 
 from ._clip import resolve_layer
@@ -137,3 +137,108 @@ class VisionTaps:
 def _units(per_patch: torch.Tensor) -> torch.Tensor:
     """(H, S) per patch -> (H, S / 4) mean over each 2x2 unit (4 consecutive patches in the tower's order)."""
     return per_patch.view(per_patch.shape[0], -1, 4).mean(-1)
+
+
+class InEncoderPruning:
+    """Stage ``in_encoder`` (FlowCut) on Qwen2.5-VL's tower: whole 2x2 units leave between vision blocks,
+    the rotary tables and window boundaries (``cu_seqlens``) shrink with them and emptied windows vanish;
+    the merger's output is scattered back to the full unit count (pruned units stay zero, never read)."""
+
+    def __init__(self, inner, method, ledger):
+        self.inner, self.method = inner, method
+        self.visual = inner.visual
+        self.vcfg, self.blocks = self.visual.config, self.visual.blocks
+        self._enc = None  # the image being encoded: its surviving units, scores, target, windows
+        depth = len(self.blocks)
+        self.feature_layer = depth - 1  # the merger reads the last block's output
+        self.plan = method.encoder_plan(self.feature_layer)
+        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
+            raise VlpruneError(f"method={method.name!r} planned prune blocks {self.plan}, which must lie in "
+                               f"0..{self.feature_layer - 1} (before the last vision block)")
+        requests = [s for layer in self.plan for s in method.encoder_signals(layer)]
+        self.taps = VisionTaps(self.blocks, requests, ledger, lambda: self._enc is not None, global_token=True)
+        self.full_blocks = set(self.vcfg.fullatt_block_indexes)
+        for idx in range(self.plan[0] + 1, depth):
+            hook = functools.partial(self._before_block, idx)
+            ledger.hook(self.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True))
+        ledger.hook(self.visual.merger.register_forward_hook(self._after_merger))
+
+    def _before_block(self, idx, _module, args, kwargs):
+        state = self._enc
+        if state is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if idx - 1 in self.plan:  # prune after block idx - 1
+            layer = idx - 1
+            keep, state["score"], _ = self.method.encoder_step(
+                layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
+            if keep is not None:
+                keep = keep[0]
+                state["units"] = state["units"][keep]
+                hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
+        units = state["units"]
+        patches = (units[:, None] * 4 + torch.arange(4, device=units.device)).reshape(-1)
+        new = dict(kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            new["hidden_states"] = hidden
+        cos, sin = new["position_embeddings"]
+        new["position_embeddings"] = (cos[patches], sin[patches])
+        if idx in self.full_blocks:
+            sizes = torch.tensor([units.numel()], device=units.device)
+        else:  # windows keep their surviving units; emptied windows vanish
+            sizes = torch.bincount(state["window_of"][units], minlength=state["windows"])
+            sizes = sizes[sizes > 0]  # host sync: an emptied window leaves cu_seqlens (its length is a shape)
+        cu = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
+        new["cu_seqlens"] = cu
+        if new.get("max_seqlen") is not None:
+            new["max_seqlen"] = int(sizes.max()) * 4  # host sync: flash attention takes the longest segment
+        return args, new
+
+    def _current_signals(self) -> dict:
+        """Taps of the current (shortened, window-ordered) sequence of one image, as (1, ...) tensors."""
+        out = {}
+        for req, value in self.taps.take().items():
+            out[req] = value if req.kind not in PER_UNIT else value[None]
+        return out
+
+    def _after_merger(self, _module, _args, output):
+        state = self._enc
+        if state is None:
+            return None
+        full = output.new_zeros(state["total"], output.shape[-1])  # pruned units stay zero (never read)
+        full[state["units"]] = output
+        return full
+
+    def encode(self, pixel_values, grid_thw, sizes, ks):
+        """(features output, selections): the tower on one image at a time (adaptive counts would make a
+        batch ragged inside it), ``ks[i]`` units of image i surviving."""
+        chunks = pixel_values.split([t * h * w for t, h, w in grid_thw.tolist()])  # host sync: layout metadata
+        outputs, selections = [], []
+        for i, (chunk, n, k) in enumerate(zip(chunks, sizes, ks)):
+            grid = grid_thw[i : i + 1]
+            if k >= n:
+                out = self.inner.get_image_features(chunk, grid, return_dict=True)
+                outputs.append(out.pooler_output[0])
+                selections.append(Selection(torch.arange(n, device=chunk.device)[None]))
+                continue
+            layout = window_layout(grid, self.vcfg)
+            windows = layout["cu_windows"]
+            window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
+                                                windows[1:] - windows[:-1], output_size=n)
+            self._enc = {"units": torch.arange(n, device=chunk.device), "score": None, "target": k,
+                         "total": n, "window_of": window_of.to(chunk.device), "windows": len(windows) - 1}
+            try:
+                out = self.inner.get_image_features(chunk, grid, return_dict=True)
+                units = self._enc["units"]
+            finally:
+                self._enc = None
+                self.taps.take()
+            if units.numel() != k:
+                raise RuntimeError(f"{self.method.name} left {units.numel()} units, expected {k}")
+            kept = layout["window_index"][units].sort().values  # window order -> raster order
+            outputs.append(out.pooler_output[0][kept])
+            selections.append(Selection(kept[None]))
+        out.pooler_output = tuple(outputs)
+        return out, selections

@@ -37,7 +37,6 @@ one, and rows of a batch that keep different counts are evened out with masked f
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -54,7 +53,7 @@ from vlprune.sequence import (
 
 from ._call import forward_short, free_pad_id, generate_short, shorten
 from ._llm import LLMImage, LLMPruning
-from ._qwen_vision import PER_UNIT, VisionTaps, window_layout
+from ._qwen_vision import PER_UNIT, InEncoderPruning, VisionTaps, window_layout
 from ._wrap import wrap_method
 
 _RECEIVED = ("substitute: [CLS] attention -> the mean attention each merged token receives (as HoloV and HiPrune "
@@ -98,81 +97,16 @@ class Qwen2_5_VL(Patcher):
         self.blocks = self.visual.blocks
         method = self.handle.method
         self._busy = False
-        self._enc = None
         self._prompt_len = None
         self._grid_thw = None
         if method.stage == "llm":
             self.llm = LLMPruning(self, self.inner.language_model.layers, method, ragged=True)
         elif method.stage == "in_encoder":
-            self._install_in_encoder(method)
+            self.in_encoder = InEncoderPruning(self.inner, method, self.ledger)
         else:
             self.taps = VisionTaps(self.blocks, method.signals(), self.ledger, lambda: self._busy)
         wrap_method(self, model, "forward", self._forward)
         wrap_method(self, model, "generate", self._generate)
-
-    # -- in-encoder pruning (FlowCut): whole 2x2 units leave between vision blocks ---------------------
-    def _install_in_encoder(self, method):
-        depth = len(self.blocks)
-        self.feature_layer = depth - 1  # the merger reads the last block's output
-        self.plan = method.encoder_plan(self.feature_layer)
-        if not self.plan or self.plan[-1] >= self.feature_layer or self.plan[0] < 0:
-            raise VlpruneError(f"method={method.name!r} planned prune blocks {self.plan}, which must lie in "
-                               f"0..{self.feature_layer - 1} (before the last vision block)")
-        requests = [s for layer in self.plan for s in method.encoder_signals(layer)]
-        self.taps = VisionTaps(self.blocks, requests, self.ledger, lambda: self._busy, global_token=True)
-        self.full_blocks = set(self.vcfg.fullatt_block_indexes)
-        for idx in range(self.plan[0] + 1, depth):
-            hook = functools.partial(self._before_block, idx)
-            self.ledger.hook(self.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True))
-        self.ledger.hook(self.visual.merger.register_forward_hook(self._after_merger))
-
-    def _before_block(self, idx, _module, args, kwargs):
-        state = self._enc
-        if not self._busy or state is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if idx - 1 in self.plan:  # prune after block idx - 1
-            layer = idx - 1
-            keep, state["score"], _ = self.handle.method.encoder_step(
-                layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
-            if keep is not None:
-                keep = keep[0]
-                state["units"] = state["units"][keep]
-                hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
-        units = state["units"]
-        patches = (units[:, None] * 4 + torch.arange(4, device=units.device)).reshape(-1)
-        new = dict(kwargs)
-        if args:
-            args = (hidden, *args[1:])
-        else:
-            new["hidden_states"] = hidden
-        cos, sin = new["position_embeddings"]
-        new["position_embeddings"] = (cos[patches], sin[patches])
-        if idx in self.full_blocks:
-            sizes = torch.tensor([units.numel()], device=units.device)
-        else:  # windows keep their surviving units; emptied windows vanish
-            sizes = torch.bincount(state["window_of"][units], minlength=state["windows"])
-            sizes = sizes[sizes > 0]  # host sync: an emptied window leaves cu_seqlens (its length is a shape)
-        cu = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
-        new["cu_seqlens"] = cu
-        if new.get("max_seqlen") is not None:
-            new["max_seqlen"] = int(sizes.max()) * 4  # host sync: flash attention takes the longest segment
-        return args, new
-
-    def _current_signals(self) -> dict:
-        """Taps of the current (shortened, window-ordered) sequence of one image, as (1, ...) tensors."""
-        out = {}
-        for req, value in self.taps.take().items():
-            out[req] = value if req.kind not in PER_UNIT else value[None]
-        return out
-
-    def _after_merger(self, _module, _args, output):
-        state = self._enc
-        if not self._busy or state is None:
-            return None
-        full = output.new_zeros(state["total"], output.shape[-1])  # pruned units stay zero (never read)
-        full[state["units"]] = output
-        return full
 
     # -- the pruned call --------------------------------------------------------------------------
     def _image_blocks(self, ids, grid_thw, n_patches):
@@ -264,7 +198,7 @@ class Qwen2_5_VL(Patcher):
     def _encode(self, pixel_values, grid_thw, sizes, ks, grids):
         """Vision tower + per-image selection among the merged tokens. Returns (features output, selections)."""
         if self.handle.method.stage == "in_encoder":
-            return self._encode_in_encoder(pixel_values, grid_thw, sizes, ks)
+            return self.in_encoder.encode(pixel_values, grid_thw, sizes, ks)
         layout = window_layout(grid_thw, self.vcfg)
         self.taps.bounds = [0, *itertools.accumulate(layout["patches"])]
         self._busy = True
@@ -300,38 +234,6 @@ class Qwen2_5_VL(Patcher):
             else:
                 out[req] = [value[i][None] for i in range(value.shape[0])]
         return out
-
-    def _encode_in_encoder(self, pixel_values, grid_thw, sizes, ks):
-        """One image at a time (adaptive counts would make a batch ragged inside the tower)."""
-        chunks = pixel_values.split([t * h * w for t, h, w in grid_thw.tolist()])  # host sync: layout metadata
-        outputs, selections = [], []
-        for i, (chunk, n, k) in enumerate(zip(chunks, sizes, ks)):
-            grid = grid_thw[i : i + 1]
-            if k >= n:
-                out = self.inner.get_image_features(chunk, grid, return_dict=True)
-                outputs.append(out.pooler_output[0])
-                selections.append(Selection(torch.arange(n, device=chunk.device)[None]))
-                continue
-            layout = window_layout(grid, self.vcfg)
-            windows = layout["cu_windows"]
-            window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
-                                                windows[1:] - windows[:-1], output_size=n)
-            self._enc = {"units": torch.arange(n, device=chunk.device), "score": None, "target": k,
-                         "total": n, "window_of": window_of.to(chunk.device), "windows": len(windows) - 1}
-            self._busy = True
-            try:
-                out = self.inner.get_image_features(chunk, grid, return_dict=True)
-                units = self._enc["units"]
-            finally:
-                self._busy, self._enc = False, None
-                self.taps.take()
-            if units.numel() != k:
-                raise RuntimeError(f"{self.handle.method.name} left {units.numel()} units, expected {k}")
-            kept = layout["window_index"][units].sort().values  # window order -> raster order
-            outputs.append(out.pooler_output[0][kept])
-            selections.append(Selection(kept[None]))
-        out.pooler_output = tuple(outputs)
-        return out, selections
 
     # -- entry points -----------------------------------------------------------------------------
     def _forward(self, original, kw):
