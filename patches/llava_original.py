@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
 
@@ -57,16 +56,8 @@ from ._clip import encoder_layers
 from ._contrast import ContrastSession, ContrastTaps, OutlierPrompt, choose_outliers
 from ._llm import LLMImage, LLMPruning
 from ._tower import TowerPruning
+from ._splice import Splice
 from ._wrap import named_arguments, wrap_method
-
-@dataclass
-class _Row:
-    """One prompt of the spliced sequence: its content (padding removed) and where its images sit."""
-
-    orig: torch.Tensor  # (content,) each content position's index in the UNPRUNED content
-    images: list  # (image index into ``images``, first content position, token count) per spliced image
-    full: int  # content length of the unpruned row
-
 
 @register_patcher("LlavaLlamaForCausalLM")
 class LlavaOriginal(Patcher):
@@ -90,12 +81,13 @@ class LlavaOriginal(Patcher):
         self.select_layer = tower.select_layer
         self.patches_per_image = tower.num_patches
         self.grid = grid_shape(self.patches_per_image)
+        self.splice = Splice(self.image_token, self.patches_per_image, model.config)
         self._in_prepare = self._generating = False
         self._selections = self._labels = None
         self._prompt_len = None
         self._session = None  # the ContrastSession of a running generate() (damro)
         self._features = None  # image features encode_images hands out instead of encoding (damro)
-        self._splice = model.prepare_inputs_labels_for_multimodal  # the original, for damro's outlier prompt
+        self._splice_images = model.prepare_inputs_labels_for_multimodal  # the original, for damro's outlier prompt
         decoder = self.handle.decoder
         if decoder is not None and decoder.active:  # its own [CLS] taps, live only in its own tower pass
             self.contrast_taps = ContrastTaps(self.layers, decoder, self.ledger)
@@ -126,65 +118,6 @@ class LlavaOriginal(Patcher):
 
         self.ledger.set_attr(self.model, "forward", forward)
 
-    # -- where the images go ----------------------------------------------------------------------
-    def _rows(self, ids, mask, kept: list) -> list[_Row]:
-        """The layout the original code builds: per prompt, its content positions' unpruned indices and
-        its spliced images. ``kept[i]`` are the kept raster indices of ``images[i]`` (ascending)."""
-        n = self.patches_per_image
-        rows, image = [], 0
-        for r in range(ids.shape[0]):
-            # host sync: the original code builds this layout on the host, row by row (this line and the next)
-            content = ids[r] if mask is None else ids[r][mask[r].bool()]
-            marks = (content == self.image_token).nonzero().flatten().tolist()  # host sync: as above
-            if not marks:  # the original code consumes one image for a prompt without a placeholder
-                rows.append(_Row(torch.arange(content.shape[0], device=ids.device), [], content.shape[0]))
-                image += 1
-                continue
-            pieces, spliced, orig, prev = [], [], 0, 0
-            for mark in marks:
-                text = mark - prev
-                pieces.append(torch.arange(orig, orig + text, device=ids.device))
-                orig += text
-                start = sum(p.shape[0] for p in pieces)
-                pieces.append(orig + kept[image].to(ids.device))
-                spliced.append((image, start, kept[image].shape[0]))
-                orig, prev, image = orig + n, mark + 1, image + 1
-            pieces.append(torch.arange(orig, orig + content.shape[0] - prev, device=ids.device))
-            rows.append(_Row(torch.cat(pieces), spliced, orig + content.shape[0] - prev))
-        limit = getattr(self.model.config, "tokenizer_model_max_length", None)
-        if limit is not None:  # the original code truncates every row to this length
-            for row in rows:
-                row.orig, row.full = row.orig[:limit], min(row.full, limit)
-                row.images = [(i, s, max(0, min(c, limit - s))) for i, s, c in row.images if s < limit]
-        return rows
-
-    def _images_needed(self, ids, mask) -> int:
-        counts = ((ids == self.image_token) & (mask.bool() if mask is not None else True)).sum(1)
-        return int(counts.clamp_min(1).sum())  # host sync: the original code counts images on the host too
-
-    def _left_padded(self) -> bool:
-        return getattr(self.model.config, "tokenizer_padding_side", "right") == "left"
-
-    def _place(self, rows: list[_Row], length: int):
-        """Output column of each row's content position 0 in a padded batch of ``length``."""
-        if self._left_padded():
-            return [length - row.orig.shape[0] for row in rows]
-        return [0] * len(rows)
-
-    def _position_ids(self, rows: list[_Row], length: int, caller_positions, dtype, device):
-        """The unpatched model's position ids, gathered at the survivors (``positions="original"``).
-
-        The unpatched model counts content positions 0..L-1 per prompt when position ids exist (given
-        by the caller, or, inside ``generate``, derived from the attention mask); when ``forward`` gets
-        none, the LM counts every column of the padded batch, padding included."""
-        counting_columns = caller_positions is None and not self._generating
-        full_len = max(row.full for row in rows)
-        pos = torch.zeros(len(rows), length, dtype=dtype, device=device)
-        for r, (row, start) in enumerate(zip(rows, self._place(rows, length))):
-            shift = full_len - row.full if counting_columns and self._left_padded() else 0
-            pos[r, start:start + row.orig.shape[0]] = (row.orig + shift).to(dtype)
-        return pos
-
     # -- the wrappers -------------------------------------------------------------------------------
     def _prepare_mm(self, original, kw):
         ids, images = kw.get("input_ids"), kw.get("images")
@@ -192,7 +125,7 @@ class LlavaOriginal(Patcher):
             return original(**kw)
         _check_images(images)
         mask = kw.get("attention_mask")
-        needed = self._images_needed(ids, mask)
+        needed = self.splice.images_needed(ids, mask)
         if images.shape[0] != needed:
             raise VlpruneError(
                 f"images holds {images.shape[0]} images; the prompts need {needed} (one per IMAGE_TOKEN_INDEX "
@@ -201,7 +134,7 @@ class LlavaOriginal(Patcher):
         full = [torch.arange(n, device=ids.device)] * needed
         if k >= n:  # the identity: the unpatched call
             self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full[i])
-                                for r, row in enumerate(self._rows(ids, mask, full)) for i, _, _ in row.images]
+                                for r, row in enumerate(self.splice.rows(ids, mask, full)) for i, _, _ in row.images]
             return original(**kw)
         if self.handle.method.stage == "llm":
             return self._prepare_llm(original, kw, full, n, k)
@@ -214,12 +147,12 @@ class LlavaOriginal(Patcher):
         sel = Selection(torch.cat([s.indices for s in selections]),
                         *[None if any(getattr(s, f) is None for s in selections) else
                           torch.cat([getattr(s, f) for s in selections]) for f in ("scores", "tokens", "sources")])
-        rows = self._rows(ids, mask, list(sel.indices))
+        rows = self.splice.rows(ids, mask, list(sel.indices))
         records = self.records([0] * needed, n, k, sel)  # rows filled in below
         self.handle.last = [dataclasses.replace(records[i], row=r) for r, row in enumerate(rows) for i, _, _ in row.images]
         if self.handle.config.positions == "original":
             _, pos, attn, past, embeds, labels = out
-            pos = self._position_ids(rows, embeds.shape[1], kw.get("position_ids"), torch.long, embeds.device)
+            pos = self.splice.position_ids(rows, embeds.shape[1], kw.get("position_ids"), self._generating, embeds.device)
             out = (None, pos, attn, past, embeds, labels)
         return out
 
@@ -228,11 +161,11 @@ class LlavaOriginal(Patcher):
         ids, mask = kw["input_ids"], kw.get("attention_mask")
         out = original(**kw)
         _, pos, attn, past, embeds, labels = out
-        rows = self._rows(ids, mask, full)
+        rows = self.splice.rows(ids, mask, full)
         b, length = embeds.shape[:2]
         image_mask = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
         images = []
-        for r, (row, start) in enumerate(zip(rows, self._place(rows, length))):
+        for r, (row, start) in enumerate(zip(rows, self.splice.place(rows, length))):
             for _, first, count in row.images:
                 if count != n:
                     raise VlpruneError(f"an image was cut to {count} of {n} tokens by tokenizer_model_max_length; "
@@ -243,7 +176,7 @@ class LlavaOriginal(Patcher):
         self.handle.last = [image.untouched() for image in images]  # until a drop
         if not images:
             return out
-        if attn is not None and not self._left_padded():
+        if attn is not None and not self.splice.left_padded:
             anchor = attn.long().sum(1) - 1  # the prompt's last token
         else:
             anchor = torch.full((b,), length - 1, device=embeds.device)
@@ -321,29 +254,29 @@ class LlavaOriginal(Patcher):
         """The caller's prompt spliced by the original code with each image as its outliers only."""
         n = self.patches_per_image
         full = [torch.arange(n, device=ids.device)] * images.shape[0]
-        used = [i for row in self._rows(ids, mask, full) for i, _, _ in row.images]  # images reaching the LM
+        used = [i for row in self.splice.rows(ids, mask, full) for i, _, _ in row.images]  # images reaching the LM
         chosen = choose_outliers(self.handle.decoder, self.handle.last, scores[used])
         outliers = list(full)
         for i, idx in zip(used, chosen):
             outliers[i] = idx.to(ids.device)
         self._features = [f[idx.to(f.device)] for f, idx in zip(feats, outliers)]
         try:
-            _, pos, attn, _, embeds, _ = self._splice(
+            _, pos, attn, _, embeds, _ = self._splice_images(
                 ids, position_ids, mask if mask is not None else torch.ones_like(ids), None, None, images)
         finally:
             self._features = None
         if self.handle.config.positions == "original":
-            pos = self._position_ids(self._rows(ids, mask, outliers), embeds.shape[1], position_ids, torch.long,
-                                     embeds.device)
+            pos = self.splice.position_ids(self.splice.rows(ids, mask, outliers), embeds.shape[1], position_ids,
+                                           self._generating, embeds.device)
         return OutlierPrompt(None, attn, pos, inputs_embeds=embeds)
 
     def _dropped(self, ids, mask) -> int:
         """How much shorter the spliced batch gets: an explicit max_length counts the unpruned one."""
         n, k = self.patches_per_image, self.keep_count(self.patches_per_image)
-        needed = self._images_needed(ids, mask)
+        needed = self.splice.images_needed(ids, mask)
         if k >= n or self.handle.method.stage == "llm":  # the LM input keeps every position
             return 0
-        short = self._rows(ids, mask, [torch.arange(k, device=ids.device)] * needed)
+        short = self.splice.rows(ids, mask, [torch.arange(k, device=ids.device)] * needed)
         return max(row.full for row in short) - max(row.orig.shape[0] for row in short)
 
 
