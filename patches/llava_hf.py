@@ -7,10 +7,8 @@ order. The call side (shortening, generate, damro) is ``patches/_hf_llava.py``.
 """
 from __future__ import annotations
 
-import torch
 
 from vlprune.errors import VlpruneError
-from vlprune.patcher import ImageRecord
 from vlprune.registry import register_patcher
 from vlprune.sequence import block_rows, keep_mask, placeholder_positions
 
@@ -38,11 +36,9 @@ class LlavaHF(HFLlava):
                 f"placeholders for {len(blocks)} images of {n} tokens each in the prompt"
             )
         rows = block_rows(blocks)
-        k = self.keep_count(n)
-        if k >= n:  # the identity: nothing runs differently from the unpatched model
-            full = torch.arange(n, device=image_mask.device)
-            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full) for r in rows]
+        if self.identity(rows, [n] * len(rows), image_mask.device):
             return kw, 0
+        k = self.keep_count(n)
 
         feats, sel = self._encode(pixel_values, layer, strategy, n, k)
         self.handle.last = self.records(rows, n, k, sel)

@@ -121,9 +121,8 @@ class LlavaNextHF(HFLlava):
         layer, _ = self._feature_args(kw)
         image_mask, layouts, blocks, rows = self._images(kw)
         ks = [self.keep_count(layout.visual) for layout in layouts]
-        if all(k >= layout.visual for k, layout in zip(ks, layouts)):  # the identity: run the model unchanged
-            self.handle.last = [layout.record(r, torch.arange(layout.visual, device=image_mask.device))
-                                for r, layout in zip(rows, layouts)]
+        if self.identity(rows, [layout.visual for layout in layouts], image_mask.device,
+                         lambda i, r, kept: layouts[i].record(r, kept)):
             return kw, 0
         pixel_values = kw["pixel_values"]
         if pixel_values.dim() == 5:

@@ -48,7 +48,7 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
-from vlprune.patcher import EVERYTHING, ImageRecord, Patcher
+from vlprune.patcher import EVERYTHING, Patcher
 from vlprune.registry import register_patcher
 from vlprune.select import grid_shape
 
@@ -132,9 +132,9 @@ class LlavaOriginal(Patcher):
                 "placeholder, and the original code consumes one for every prompt without a placeholder)")
         n, k = self.patches_per_image, self.keep_count(self.patches_per_image)
         full = [torch.arange(n, device=ids.device)] * needed
-        if k >= n:  # the identity: the unpatched call
-            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=full[i])
-                                for r, row in enumerate(self.splice.rows(ids, mask, full)) for i, _, _ in row.images]
+        if k >= n:  # the identity: the unpatched call, each image that reaches the LM recorded whole
+            reaching = [r for r, row in enumerate(self.splice.rows(ids, mask, full)) for _ in row.images]
+            self.identity(reaching, [n] * len(reaching), ids.device)
             return original(**kw)
         if self.handle.method.stage == "llm":
             return self._prepare_llm(original, kw, full, n, k)

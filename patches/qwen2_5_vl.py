@@ -43,7 +43,7 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
-from vlprune.patcher import YES, ImageRecord, Patcher
+from vlprune.patcher import YES, Patcher
 from vlprune.registry import register_patcher
 from vlprune.sequence import (
     block_rows,
@@ -161,11 +161,9 @@ class Qwen2_5_VL(Patcher):
         pixel_values, grid_thw = kw["pixel_values"], kw.get("image_grid_thw")
         ids = kw.get("input_ids")
         image_mask, blocks, rows, sizes, grids = self._image_blocks(ids, grid_thw, pixel_values.shape[0])
-        ks = [self.keep_count(n) for n in sizes]
-        if all(k >= n for k, n in zip(ks, sizes)):  # the identity: nothing runs differently
-            self.handle.last = [ImageRecord(row=r, before=n, after=n, kept=torch.arange(n, device=ids.device))
-                                for r, n in zip(rows, sizes)]
+        if self.identity(rows, sizes, ids.device):
             return kw, 0
+        ks = [self.keep_count(n) for n in sizes]
 
         feats, selections = self._encode(pixel_values, grid_thw, sizes, ks, grids)
         keep = keep_mask(image_mask, blocks, [s.indices[0] for s in selections])

@@ -137,6 +137,16 @@ class Patcher:
         """Tokens an image of n keeps; 0 for methods that drop every image token (not budgeted)."""
         return 0 if self.handle.budget is None else self.handle.budget.tokens_for(n)
 
+    def identity(self, rows: list[int], sizes: list[int], device, record=None) -> bool:
+        """True when the budget keeps every token of every image (``sizes``, one per image, of batch
+        ``rows``): the call then runs as unpatched, and ``handle.last`` records each image kept whole.
+        ``record(i, row, kept)`` builds a family's own record (default: :class:`ImageRecord`)."""
+        if any(self.keep_count(n) < n for n in sizes):
+            return False
+        record = record or (lambda _i, r, kept: ImageRecord(row=r, before=len(kept), after=len(kept), kept=kept))
+        self.handle.last = [record(i, r, torch.arange(n, device=device)) for i, (r, n) in enumerate(zip(rows, sizes))]
+        return True
+
     def prune(self, tokens: torch.Tensor, grid: tuple[int, int], signals: dict,
               k: int | None = None) -> tuple[torch.Tensor, Selection]:
         """Run the method on (B, N, D) tokens; return the (B, k, D) survivors and the sorted selection.
