@@ -174,3 +174,19 @@ def held_out_chunks(held_out: list, args):
     """The first ``--val`` held-out prompts in chunks of ``--batch``."""
     for a in range(0, min(len(held_out), args.val), args.batch):
         yield held_out[a:a + args.batch]
+
+
+def answer_scores(batches) -> dict:
+    """Answer-token loss and accuracy (teacher-forced) over ``batches`` of (logits, labels); -100 labels
+    are not answers."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = hits = total = 0.0
+    with torch.no_grad():
+        for logits, labels in batches:
+            sel = labels != -100
+            loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
+            hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
+            total += sel.sum().item()
+    return {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4)}

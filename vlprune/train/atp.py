@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.atp import default_layers, init_tensors, modules, redundancy, spatial_scores, thresholds
 from ..errors import VlpruneError
-from . import Log, check_positive, data_arguments, fit, step_arguments
+from . import Log, answer_scores, check_positive, data_arguments, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
@@ -175,20 +175,19 @@ def draw(recs, idx, rng):
     return [scene_questions(recs[i]["objects"], rng, 1)[0] for i in idx]
 
 
-@torch.no_grad()
 def validate(batches) -> dict:
     """Answer-token loss, accuracy and mean share (soft masks, teacher-forced) over ``batches``, an iterable
     of (logits, labels, shares)."""
-    loss = hits = total = share = rows = 0.0
-    for logits, labels, shares in batches:
-        sel = labels != -100
-        loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
-        hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
-        total += sel.sum().item()
-        share += shares.sum().item()
-        rows += len(shares)
-    return {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4),
-            "mean_share": round(share / rows, 4)}
+    shares = []
+
+    def answers():
+        for logits, labels, share in batches:
+            shares.append(share)
+            yield logits, labels
+
+    out = answer_scores(answers())
+    mean = sum(s.sum().item() for s in shares) / sum(len(s) for s in shares)
+    return {**out, "mean_share": round(mean, 4)}
 
 
 def _layers(text, depth) -> list[int]:

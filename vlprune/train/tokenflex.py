@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import learned
 from ..builtin_methods.tokenflex import init_tensors, pooling, weigh
 from ..errors import VlpruneError
-from . import Log, check_positive, data_arguments, fit, step_arguments
+from . import Log, answer_scores, check_positive, data_arguments, fit, step_arguments
 
 
 def add_arguments(ap) -> None:
@@ -91,7 +91,7 @@ def run(args) -> Path:
         return args.out
     val = {}
     for k in eval_counts:
-        val[str(k)] = scored(validate(params, k))
+        val[str(k)] = answer_scores(validate(params, k))
     log("val " + ", ".join(f"k={k}: loss {v['loss']:.3f} acc {v['token_accuracy']:.3f}" for k, v in val.items()))
     trained = {"args": {k: str(v) for k, v in vars(args).items()}, "counts": counts, "steps": args.steps,
                "minutes": round(minutes, 1), "validation": val, "torch": torch.__version__}
@@ -100,18 +100,6 @@ def run(args) -> Path:
     (args.out / "train_log.json").write_text(json.dumps(trained, indent=1) + "\n")
     log(f"wrote {args.out} after {minutes:.1f} min")
     return args.out
-
-
-@torch.no_grad()
-def scored(batches) -> dict:
-    """Answer-token loss and accuracy (teacher-forced) over ``batches`` of (logits, labels)."""
-    loss = hits = total = 0.0
-    for logits, labels in batches:
-        sel = labels != -100
-        loss += F.cross_entropy(logits.float()[sel], labels[sel], reduction="sum").item()
-        hits += (logits.argmax(-1)[sel] == labels[sel]).sum().item()
-        total += sel.sum().item()
-    return {"loss": round(loss / total, 4), "token_accuracy": round(hits / total, 4)}
 
 
 def _embedded(args, check):
