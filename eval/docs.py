@@ -92,7 +92,7 @@ def released_table() -> str:
 def models_table() -> str:
     lines = ["| model class | patcher | what it covers |", "|---|---|---|"]
     for cname in vlprune.supported_model_classes():
-        patcher = registry._PATCHERS[cname]  # no public class-name -> patcher lookup (yet)
+        patcher = registry.patcher_class(cname)
         module = sys.modules[patcher.__module__]
         lines.append(f"| `{cname}` | `{patcher.__module__}.{patcher.__name__}` | {_doc_line(module)} |")
     return "\n".join(lines)
@@ -101,7 +101,7 @@ def models_table() -> str:
 def support(cname: str) -> dict[str, str]:
     """Method -> "yes" | "substitute: ..." | "no: ..." for one model class, derived by its patcher from what
     each method asks (stage, signals, merging) and what the family provides (``Patcher.support``)."""
-    patcher = registry._PATCHERS[cname]
+    patcher = registry.patcher_class(cname)
     return {name: patcher.support(registry.get_method(name)) for name in vlprune.methods()}
 
 

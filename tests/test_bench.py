@@ -321,3 +321,17 @@ def test_default_budgets_per_geometry():
                      "embedded": [85, 57, 28]}
     assert bench.parse(["--geometry", "qwen2_5_vl", "--image-size", "448x448"]).keeps == [85, 57, 28]
     assert bench.parse(["--geometry", "llava-next", "--quick"]).keeps == [160]
+
+
+def test_support_table_loads_the_patchers_itself():
+    """The benchmark asks a family's support table before any model is patched: a fresh interpreter must find
+    the patchers (entry points) on its own (this once failed with a KeyError on every default run)."""
+    import subprocess
+    import sys
+
+    code = ("from vlprune.eval.docs import support; from vlprune.registry import patcher_class\n"
+            "print(support('LlavaForConditionalGeneration')['fastervlm'])\n"
+            "try:\n    patcher_class('NoSuchModel')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "yes"
+    assert "VlpruneError no patcher for model class 'NoSuchModel'" in out and "LlavaForConditionalGeneration" in out

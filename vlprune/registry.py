@@ -87,6 +87,15 @@ def supported_model_classes() -> list[str]:
     return sorted(_PATCHERS)
 
 
+def patcher_class(class_name: str) -> type:
+    """The patcher registered for the model class named ``class_name`` (entry points loaded first)."""
+    _load_patchers()
+    if class_name not in _PATCHERS:
+        raise VlpruneError(f"no patcher for model class {class_name!r}. Supported model classes: "
+                           f"{', '.join(sorted(_PATCHERS))}.")
+    return _PATCHERS[class_name]
+
+
 def get_patcher(model) -> type:
     _load_patchers()
     for klass in type(model).__mro__:
