@@ -85,6 +85,21 @@ def test_quick_benchmark_writes_its_outputs(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert {r["method"] for r in rows} >= {"unpruned", "ideal", "eager-reference", "fastervlm"}
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| method |" in (tmp_path / "bench.md").read_text()
+    ideal = next(r for r in rows if r["method"] == "ideal")
+    assert ideal["prefill_n"] == len(ideal["prefill_samples_ms"]) == 2  # --quick: once before the methods, once after
+    assert ideal["prefill_ms"] == pytest.approx(sum(ideal["prefill_samples_ms"]) / 2)
+    fastv = next(r for r in rows if r["method"] == "fastv")  # more FLOPs than its ideal: a prediction to compare to
+    assert fastv["vs_flops_predicted"] == pytest.approx(fastv["prefill_ms"] / fastv["flops_predicted_ms"])
+    assert "vs_flops_predicted" not in next(r for r in rows if r["method"] == "fastervlm")  # the ideal's FLOPs
+
+
+def test_flops_prediction_is_the_line_through_ideal_and_unpruned():
+    unpruned = {"method": "unpruned", "tflops": 3.0, "prefill_ms": 300.0}
+    ideal = {"method": "ideal", "tflops": 1.0, "prefill_ms": 100.0}
+    assert bench.flops_predicted_ms({"method": "fastv", "tflops": 2.0}, ideal, unpruned) == pytest.approx(200.0)
+    assert bench.flops_predicted_ms({"method": "flowcut", "tflops": 0.9}, ideal, unpruned) == pytest.approx(90.0)
+    assert bench.flops_predicted_ms({"method": "pool", "tflops": 1.0}, ideal, unpruned) is None
+    assert bench.flops_predicted_ms({"method": "x", "tflops": 2.0}, ideal, {**unpruned, "tflops": 1.0}) is None
 
 
 # -- geometries: the FLOPs counters of the other families, written out by hand ------------------------
