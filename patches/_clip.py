@@ -153,10 +153,12 @@ class OpenClipTaps:
     """Signals of the open_clip blocks a method reads, from each attention module's input (ln_1 applied)
     and its fused in-projection (``nn.MultiheadAttention``-style ``in_proj_weight``)."""
 
-    def __init__(self, blocks, requests, ledger, active):
+    def __init__(self, blocks, requests, ledger, active, key_mask=None):
+        """``key_mask()``, if given, returns the (B, 1+N) real keys of a padded batch (or None), as for ClipTaps."""
         self.values: dict = {}
         self.macs = 0  # multiply-accumulates spent on signals in the current call
         self._active = active
+        self._key_mask = key_mask or (lambda: None)
         by_layer: dict[int, list] = {}
         for req in requests:
             if req.kind not in KINDS:
@@ -192,8 +194,9 @@ class OpenClipTaps:
             k = split(project(1, x))
             q = getattr(attn, "ln_q", torch.nn.Identity())(q)  # open_clip Attention's optional qk-norm
             k = getattr(attn, "ln_k", torch.nn.Identity())(k)
+            mask = self._key_mask()
             for req in qk:
-                self.values[req] = qk_signal(req.kind, q, k, head_dim ** -0.5)
+                self.values[req] = qk_signal(req.kind, q, k, head_dim ** -0.5, mask)
                 if req.kind in ("cls_attention", "attention_received"):  # the logits q . K^T
                     self.macs += b * q.shape[2] * t * d
         if kinds & {"values", "cls_value"}:

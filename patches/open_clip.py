@@ -21,7 +21,8 @@ Where the drop happens (the "cut"):
   at all, so they cut before block 0: ``random`` is FLIP-style patch dropout, ``pool`` a coarser grid.
   The whole batch is cut at once (the same k for every image).
 - stage ``in_encoder`` (``flowcut``) prunes progressively after the blocks of ``encoder_plan(last block)``,
-  one image at a time (its counts adapt per image); the last block runs on [CLS] + k.
+  the whole batch at once (images whose adaptive counts differ are padded, the padding masked in attention);
+  the last block runs on [CLS] + k.
 
 Signals. A forward pre-hook on each needed block's attention sees its input (``ln_1(x)``) and recomputes
 only what was asked from the fused in-projection (``in_proj_weight``/``in_proj_bias``): the [CLS] query
@@ -45,6 +46,8 @@ from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import Patcher
 from vlprune.registry import register_patcher
+from vlprune.select import gather_tokens
+from vlprune.sequence import padding_mask, real_tokens
 
 from ._clip import OpenClipTaps, resolve_layer
 from ._wrap import wrap_method
@@ -132,7 +135,8 @@ class OpenClipViT(Patcher):
         if owner is not None and owner is not self.handle:
             owner.remove()  # the tower patched through another object (CLIP vs its .visual): replace, never stack
         self.ledger.set_attr(self.visual, "_vlprune_owner", self.handle)
-        self.taps = OpenClipTaps(self.blocks, self.requests, self.ledger, lambda: self._pruning)
+        self.taps = OpenClipTaps(self.blocks, self.requests, self.ledger, lambda: self._pruning,
+                                 key_mask=lambda: self._call["real"] if self._call else None)
         if self.handle.method.stage == "in_encoder":
             for layer in self.plan:
                 hook = functools.partial(self._between_blocks, layer)
@@ -168,18 +172,27 @@ class OpenClipViT(Patcher):
         return self._cut_tokens(output) if self._pruning else None
 
     def _between_blocks(self, layer, _module, args, kwargs):
-        """FlowCut: the decision made after block ``layer`` applied at the next block's input."""
+        """FlowCut: the decision made after block ``layer`` applied at the next block's input, the whole
+        batch at once: images that keep different counts are padded to the longest, real tokens first,
+        and the padding is hidden from attention (``attn_mask``) and from the [CLS] rows the taps read."""
         if not self._pruning:
             return None
         hidden = args[0] if args else kwargs["q_x"]
         call = self._call
-        keep, call["score"], _ = self.handle.method.encoder_step(
-            layer, self.plan[-1] - layer, self.taps.take(), call["score"], call["k"])
-        if keep is None:  # the method only updated its running score
+        keep, call["score"], counts = self.handle.method.encoder_step(
+            layer, self.plan[-1] - layer, self.taps.take(), call["score"], call["k"], call["counts"])
+        if keep is not None:  # the real tokens and the mask hiding the padding change only at a cut
+            call["orig"], call["counts"] = call["orig"].gather(1, keep), counts
+            hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
+            call["real"] = real_tokens(counts, keep.shape[1], hidden.device)
+            mask = padding_mask(call["real"], hidden.dtype)  # (B, 1, T, T) -> the (B * heads, T, T) blocks take
+            call["mask"] = None if mask is None else \
+                mask.expand(-1, self.blocks[0].attn.num_heads, -1, -1).flatten(0, 1)
+        if keep is None and call["mask"] is None:  # the method only updated its running score
             return None
-        call["orig"] = call["orig"].gather(1, keep)
-        patches = hidden[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        hidden = torch.cat([hidden[:, :1], patches], dim=1)
+        if len(args) >= 4:  # (q_x, k_x, v_x, attn_mask): open_clip's checkpointed call
+            return (hidden, args[1], args[2], call["mask"], *args[4:]), kwargs
+        kwargs = {**kwargs, "attn_mask": call["mask"]}
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "q_x": hidden}
@@ -200,35 +213,22 @@ class OpenClipViT(Patcher):
                                "random before vlprune sees them; call model.eval() (or patch_dropout=0)")
         n = self.n_patches
         k = self.keep_count(n)
-        stage = self.handle.method.stage
-        chunks = x.split(1) if stage == "in_encoder" and k < n else [x]
-        outputs, tokens, selections = [], [], []
         self.taps.macs = 0
-        for chunk in chunks:
-            self._call = {"prune": k < n, "k": k, "tokens": None, "score": None,
-                          "orig": torch.arange(n, device=chunk.device).expand(chunk.shape[0], -1),
-                          "selection": None}
-            try:
-                outputs.append(original(**{**kw, "x": chunk}))
-                call = self._call
-            finally:
-                self._call = None
-                self.taps.take()
-            tokens.append(call["tokens"])
-            # the identity and FlowCut keep their survivors' original indices in "orig"
-            selections.append(call["selection"] or Selection(call["orig"]))
-        self.tokens = torch.cat(tokens)
-        if len(selections) == 1:
-            sel = selections[0]
-        else:  # FlowCut, one image at a time: indices only (its scores cover the survivors, not all N)
-            sel = Selection(torch.cat([s.indices for s in selections]))
+        self._call = {"prune": k < n, "k": k, "tokens": None, "score": None, "counts": None, "real": None,
+                      "mask": None, "orig": torch.arange(n, device=x.device).expand(x.shape[0], -1), "selection": None}
+        try:
+            output = original(**kw)
+            call = self._call
+        finally:
+            self._call = None
+            self.taps.take()
+        self.tokens = call["tokens"]
+        # the identity and FlowCut keep their survivors' original indices in "orig" (FlowCut: indices only,
+        # its scores cover the survivors, not all N)
+        sel = call["selection"] or Selection(call["orig"])
         self.handle.last = self.records(list(range(x.shape[0])), n, min(k, n), sel)
         self.signal_macs = self.taps.macs
-        if len(outputs) == 1:
-            return outputs[0]
-        if isinstance(outputs[0], tuple):  # output_tokens=True: (pooled, tokens)
-            return tuple(torch.cat(parts) for parts in zip(*outputs))
-        return torch.cat(outputs)
+        return output
 
 
 def kept_tokens(handle) -> tuple[torch.Tensor, torch.Tensor]:

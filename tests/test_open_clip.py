@@ -274,6 +274,31 @@ def test_batch_of_two_equals_single_images(clip, method):
     torch.testing.assert_close(tok_both, torch.cat(tok_single), rtol=0, atol=1e-5)
 
 
+def test_flowcut_batch_with_different_counts_equals_single_images(monkeypatch):
+    """FlowCut runs a batch in one pass: images whose adaptive counts differ are padded and the padding
+    masked, so each image gets what it gets alone (a sharpened 8-block tower, 64 patches, makes the
+    counts differ; an unmasked padding changes them)."""
+    from vlprune.builtin_methods.flowcut import FlowCut
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(image_size=64, patch_size=8, width=64, layers=8, heads=4, mlp_ratio=4.0,
+                              output_dim=32, output_tokens=True).eval()
+    with torch.no_grad():
+        for block in tower.transformer.resblocks:
+            block.attn.in_proj_weight[:128] *= 3  # q and k: peaked [CLS] attention, entropy well below its max
+    counts, step = [], FlowCut.encoder_step
+    monkeypatch.setattr(FlowCut, "encoder_step", lambda self, *a: counts.append(step(self, *a)[2]) or step(self, *a))
+    x = images(b=3, size=64, seed=3)
+    with vlprune.pruned(tower, "flowcut", keep=16) as h, torch.inference_mode():
+        pooled, tokens = tower(x)
+        kept = kept_tokens(h)[1]
+        singles = [(tower(x[i : i + 1]), kept_tokens(h)[1]) for i in range(3)]
+    assert any(len(set(c)) > 1 for c in counts)  # the batch really was ragged
+    assert torch.equal(kept, torch.cat([s[1] for s in singles])) and tokens.shape[1] == 16
+    torch.testing.assert_close(pooled, torch.cat([s[0][0] for s in singles]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens, torch.cat([s[0][1] for s in singles]), rtol=0, atol=1e-5)
+
+
 # -- pooling variants and bad input ----------------------------------------------------------------------
 def test_avg_pool_averages_the_survivors():
     tower = tiny_tower(pool_type="avg", output_tokens=True)
