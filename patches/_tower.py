@@ -37,6 +37,27 @@ def view_signals(signals: dict, row: int, local: torch.Tensor) -> dict:
     return {s: (v[row : row + 1, :, local] if s.kind in TOKEN_KINDS else v[row : row + 1]) for s, v in signals.items()}
 
 
+def visible_first(visible: list, n: int, device) -> tuple[torch.Tensor, list[int]]:
+    """(order (B, n): each row's visible patch tokens ascending, then the rest; visible count per row) for
+    ``visible``, one index tensor (or None: all n) per tower row."""
+    seen = torch.ones(len(visible), n, dtype=torch.bool, device=device)
+    for row, local in enumerate(visible):
+        if local is not None:
+            seen[row] = False
+            seen[row, local.to(device)] = True
+    order = (~seen).to(torch.uint8).argsort(dim=1, stable=True)  # a stable sort: ascending within each part
+    return order, [n if local is None else len(local) for local in visible]
+
+
+def reorder_signals(signals: dict, order: torch.Tensor) -> dict:
+    """The signals with each row's patch tokens (dim 2) in ``order`` (B, t)."""
+    def one(v):
+        index = order.view(order.shape[0], 1, order.shape[1], *[1] * (v.dim() - 3))
+        return v.gather(2, index.expand(v.shape[0], v.shape[1], -1, *v.shape[3:]))
+
+    return {s: (one(v) if s.kind in TOKEN_KINDS else v) for s, v in signals.items()}
+
+
 class TowerPruning:
     def __init__(self, patcher, layers, projector=None, feature_layer: int | None = None):
         """``feature_layer``: the encoder layer whose output the projector reads (in_encoder methods only)."""
@@ -66,14 +87,18 @@ class TowerPruning:
             patcher.ledger.hook(projector.register_forward_pre_hook(self._before_projector))
 
     @contextmanager
-    def encoding(self, n: int, batch: int, k: int, device, visible: torch.Tensor | None = None):
+    def encoding(self, n: int, batch: int, k, device, visible: list | None = None):
         """Taps and hooks live for one tower pass over ``batch`` images of ``n`` patches, each pruned to
-        ``k``. ``visible``: the patch tokens an in-encoder method may pick from at its first cut (the rest
-        are padding of the family's layout: NeXT's unpadding). Yields self: ``selection`` once made,
-        ``state["orig"]`` the surviving patch indices of an in-encoder pass."""
+        ``k`` (or ``k[i]`` for row i: NeXT's views, each to its quota). ``visible``: per row, the patch
+        tokens an in-encoder method may pick from at its first cut (None: all; the rest are padding of the
+        family's layout: NeXT's unpadding). Yields self: ``selection`` once made, ``state["orig"]`` the
+        surviving patch indices of an in-encoder pass (rows of different ``k``: real tokens first)."""
         self.busy = True
+        order = counts = None
+        if visible is not None and any(v is not None for v in visible):
+            order, counts = visible_first(visible, n, device)
         self.state = {"orig": torch.arange(n, device=device).expand(batch, -1), "score": None, "target": k,
-                      "counts": None, "real": None, "mask": None, "visible": visible}
+                      "counts": counts, "real": None, "mask": None, "order": order}
         try:
             yield self
         finally:
@@ -110,17 +135,22 @@ class TowerPruning:
 
     def _step(self, layer, signals, state):
         """The method's step after ``layer``: (indices of the current patch tokens to keep or None, new
-        score, real tokens per image). Until the first cut it sees only the ``visible`` tokens."""
-        visible = state["visible"]
-        if visible is not None:
-            signals = view_signals(signals, 0, visible)
+        score, real tokens per image). Until the first cut it sees each row's ``visible`` tokens first,
+        counted as its real ones (the rest as padding), and its cut is mapped back through that order."""
+        order = state["order"]
+        if order is not None:
+            signals = reorder_signals(signals, order)
         method = self.patcher.handle.method
         keep, score, counts = method.encoder_step(layer, self.plan[-1] - layer, signals, state["score"],
                                                   state["target"], state["counts"])
-        if visible is None or keep is None:
+        if order is None:
             return keep, score, counts
-        state["visible"] = None
-        return visible[keep], score, counts
+        if keep is None and layer == self.plan[-1]:  # a family's quotas are below the visible counts (else: identity)
+            raise RuntimeError(f"{method.name} made no cut, so the padding of the family's layout would stay")
+        if keep is None:
+            return keep, score, counts
+        state["order"] = None
+        return order.gather(1, keep), score, counts
 
     def _real_keys(self):
         """The real tokens ([CLS] included) of the hidden states now entering a layer, or None if unpadded."""

@@ -37,7 +37,7 @@ Method support (``LlavaNextHF.provides``; the model x method table of docs/model
 |---|---|
 | divprune, holov (stage projector) | yes: per view, on the projected tokens |
 | fastervlm, hiprune, pool, prumerge_plus, random, tcc, uniform, visionzip, vtc_cls (stage encoder) | yes: per view |
-| flowcut (stage in_encoder) | yes: per view, one tower run each; its first prune picks among the unpadded tokens only |
+| flowcut (stage in_encoder) | yes: every view of the batch in one tower pass, each to its own quota; its first prune picks among the unpadded tokens only |
 | fastv, visual_exit (stage llm) | yes: one pass over the image's visual tokens at layer K |
 | damro (decoding) | substitute: outliers global over the image's views, outlier-only prompt without newlines; composes with every ``prune=`` pruning method |
 
@@ -145,57 +145,74 @@ class LlavaNextHF(HFLlava):
         the rows that keep a token. Returns (packed features per image, records)."""
         stage = self.handle.method.stage
         projector = self.inner.multi_modal_projector
-        if stage != "in_encoder":
-            feats, signals, _ = self._tower(pixel_values, layer)
-        feats_out, records, first = [], [], 0
-        for layout, k, row in zip(layouts, ks, rows):
-            quotas = split_budget(k, [len(v.local) for v in layout.views])
-            if stage == "projector":
-                source = projector(feats[first : first + layout.n_views])
-            parts = []  # (view, kept visual indices, tokens, scores, sources) per view with a quota
-            for view, q in zip(layout.views, quotas):
-                if q == 0:
-                    continue
-                if stage == "in_encoder":
-                    parts.append(self._encode_in_encoder(pixel_values[first + view.index], layer, view, q))
-                    continue
-                tokens = (source if stage == "projector" else feats[first : first + layout.n_views])[view.index]
-                out, sel = self.prune(tokens[view.local].unsqueeze(0), view.grid,
-                                      view_signals(signals, first + view.index, view.local), k=q)
-                parts.append((view, view.visual.to(out.device)[sel.indices[0]], out[0],
-                              None if sel.scores is None else sel.scores[0],
-                              None if sel.sources is None else sel.sources[0]))
-            first += layout.n_views
-            kept, order = torch.cat([p[1] for p in parts]).sort()
-            tokens = torch.cat([p[2] for p in parts])[order]
+        quotas = [split_budget(k, [len(v.local) for v in layout.views]) for layout, k in zip(layouts, ks)]
+        if stage == "in_encoder":
+            parts = self._in_encoder_parts(pixel_values, layer, layouts, quotas)
+        else:
+            parts = self._selected_parts(pixel_values, layer, layouts, quotas)
+        feats_out, records = [], []
+        for layout, row, image_parts in zip(layouts, rows, parts):
+            kept, order = torch.cat([p[1] for p in image_parts]).sort()
+            tokens = torch.cat([p[2] for p in image_parts])[order]
             if stage != "projector":
                 tokens = projector(tokens.unsqueeze(0))[0]
             feats_out.append(self._pack(layout, kept, tokens))
-            records.append(layout.record(row, kept, *self._over_image(layout, parts, order)))
+            records.append(layout.record(row, kept, *self._over_image(layout, image_parts, order)))
         return feats_out, records
 
-    def _tower(self, pixel_values, layer, k: int = 0, visible=None):
-        """The vision tower once over ``pixel_values`` with the taps (and an in-encoder method's cuts to k)
-        live: (feature-layer patch tokens, signals, the surviving patch indices of an in-encoder pass)."""
+    def _selected_parts(self, pixel_values, layer, layouts, quotas):
+        """Stages encoder/projector: the tower once over every view, then the method on each view with a
+        quota, among its unpadded tokens. Per image: (view, kept visual indices, tokens, scores, sources)
+        per view."""
+        stage = self.handle.method.stage
+        feats, signals, _ = self._tower(pixel_values, layer)
+        parts, first = [], 0
+        for layout, view_quotas in zip(layouts, quotas):
+            views = feats[first : first + layout.n_views]
+            source = self.inner.multi_modal_projector(views) if stage == "projector" else views
+            image_parts = []
+            for view, q in zip(layout.views, view_quotas):
+                if q == 0:
+                    continue
+                out, sel = self.prune(source[view.index][view.local].unsqueeze(0), view.grid,
+                                      view_signals(signals, first + view.index, view.local), k=q)
+                image_parts.append((view, view.visual.to(out.device)[sel.indices[0]], out[0],
+                                    None if sel.scores is None else sel.scores[0],
+                                    None if sel.sources is None else sel.sources[0]))
+            parts.append(image_parts)
+            first += layout.n_views
+        return parts
+
+    def _in_encoder_parts(self, pixel_values, layer, layouts, quotas):
+        """Stage in_encoder: every view with a quota, of every image, through the tower in one pass, each
+        pruned to its own quota; a view's first cut picks among the tokens unpadding leaves, and its
+        survivors are mapped back to the image's visual indices."""
+        n = self.side * self.side
+        jobs, first = [], 0  # (image, view, quota, row of pixel_values)
+        for i, (layout, view_quotas) in enumerate(zip(layouts, quotas)):
+            jobs += [(i, view, q, first + view.index) for view, q in zip(layout.views, view_quotas) if q]
+            first += layout.n_views
+        device = pixel_values.device
+        pixels = pixel_values[torch.tensor([job[3] for job in jobs], device=device)]
+        visible = [None if len(view.local) == n else view.local for _, view, _, _ in jobs]
+        feats, _, orig = self._tower(pixels, layer, [q for _, _, q, _ in jobs], visible)
+        parts = [[] for _ in layouts]
+        for row, (i, view, q, _) in enumerate(jobs):  # each row: its q real tokens first
+            to_visual = torch.full((n,), -1, dtype=torch.long, device=orig.device)
+            to_visual[view.local.to(orig.device)] = view.visual.to(orig.device)
+            parts[i].append((view, to_visual[orig[row, :q]], feats[row, :q], None, None))
+        return parts
+
+    def _tower(self, pixel_values, layer, k=0, visible=None):
+        """The vision tower once over ``pixel_values`` with the taps (and an in-encoder method's cuts to k,
+        or k[i] for row i) live: (feature-layer patch tokens, signals, the surviving patch indices of an
+        in-encoder pass)."""
         n = self.side * self.side
         with self.tower.encoding(n, pixel_values.shape[0], k, pixel_values.device, visible) as call:
             hidden = self.inner.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True).hidden_states
             signals, orig = call.signals(), call.state["orig"]
         feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
         return feats[:, 1:], signals, orig
-
-    def _encode_in_encoder(self, pixels, layer, view, q):
-        """One view through the tower with in-encoder pruning to q tokens; its first prune picks among
-        the tokens unpadding leaves, and its cut is mapped back to the image's visual indices."""
-        n = self.side * self.side
-        visible = None if len(view.local) == n else view.local.to(pixels.device)
-        feats, _, orig = self._tower(pixels.unsqueeze(0), layer, q, visible)
-        orig = orig[0]
-        if feats.shape[1] != q:
-            raise RuntimeError(f"{self.handle.method.name} left {feats.shape[1]} tokens, expected {q}")
-        to_visual = torch.full((n,), -1, dtype=torch.long, device=orig.device)
-        to_visual[view.local.to(orig.device)] = view.visual.to(orig.device)
-        return view, to_visual[orig], feats[0], None, None
 
     def _pack(self, layout, kept, tokens):
         """The image's features as the LM receives them: kept tokens, a newline after each non-empty row."""

@@ -317,6 +317,39 @@ def test_flowcut_keeps_only_tokens_that_survive_unpadding(nxt):
     assert bool((rec.kept_high < 16).all())  # index space of the 8 x 2 unpadded grid
 
 
+def test_flowcut_runs_every_view_in_one_pass_as_each_would_run_alone(next_path, monkeypatch):
+    import test_released_flowcut as released_flowcut
+    from vlprune.patches._clip import encoder_layers
+
+    nxt = load(next_path)
+    with torch.no_grad():  # peaked [CLS] attention: the early cuts drop tokens (a random tower's rarely do)
+        for layer in encoder_layers(nxt.model.vision_tower):
+            layer.self_attn.q_proj.weight *= 4
+            layer.self_attn.k_proj.weight *= 4
+
+    """Every view of a batch, each with its own quota and unpadded tokens, goes through the tower once (rows
+    padded to the largest quota, the padding masked); each row keeps what that view keeps alone."""
+    inp = inputs(["tall", "wide", "big"])
+    calls = []
+    with vlprune.pruned(nxt, "flowcut", keep=10) as h:
+        patcher = h._patcher
+        tower = patcher._tower
+        monkeypatch.setattr(patcher, "_tower", lambda *a: calls.append((a, tower(*a))) or calls[-1][1])
+        run(nxt, inp)
+        assert len(calls) == 1  # one pass for all views of all images
+        (pixels, layer, quotas, visible), (feats, _, orig) = calls[0]
+        assert len(set(quotas)) > 1 and any(v is not None for v in visible)  # ragged rows, unpadded views
+        for j, (q, local) in enumerate(zip(quotas, visible)):
+            with torch.inference_mode():
+                alone, _, alone_orig = tower(pixels[j : j + 1], layer, [q], [local])
+            assert alone_orig.shape[1] == q and torch.equal(orig[j, :q], alone_orig[0])
+            torch.testing.assert_close(feats[j, :q], alone[0], rtol=0, atol=1e-5)
+            with torch.no_grad():  # the released code's FlowCut re-derived, scoring only the unpadded tokens
+                want, _ = released_flowcut.oracle(nxt.model.vision_tower, pixels[j : j + 1], q,
+                                                  visible=local)
+            assert orig[j, :q].tolist() == want[0].tolist()
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])  # no mask (plain causal) / a float additive mask
 def test_llm_stage_rows_of_equal_length_but_different_kept_counts(next_path, attn):
     """No padding, yet the rows keep different newline counts: fillers even them out, decode masks them."""

@@ -19,12 +19,15 @@ import released
 from vlprune.patches._clip import encoder_layers
 
 
-def oracle(tower, pv, k, every=2, scale_semantic=False, with_cls=False, batch_max=True):
+def oracle(tower, pv, k, every=2, scale_semantic=False, with_cls=False, batch_max=True, visible=None):
     """The released code's keep sets (B, k) and the feature-layer patch tokens (B, k, D).
 
     Switches for our named options: ``scale_semantic`` divides S's logits by sqrt(head_dim) (the
     paper's pseudocode), ``with_cls`` normalises the entropy by log(patches + 1). ``batch_max=False``
     gives every image its own count (our deliberate departure); the released code takes the largest.
+    ``visible`` (patch indices): until the first cut only these are scored and counted (A renormalised
+    over them, S's softmax over [CLS] and them), as vlprune does for a LLaVA-NeXT view's tokens that
+    survive unpadding (the released code has no such case).
     """
     layers = encoder_layers(tower)
     feature_layer = len(layers) - 2
@@ -42,15 +45,19 @@ def oracle(tower, pv, k, every=2, scale_semantic=False, with_cls=False, batch_ma
         sem_logits = v[:, :, :1] @ v.transpose(-1, -2)
         if scale_semantic:
             sem_logits = sem_logits / math.sqrt(att.head_dim)
+        if visible is not None:  # S's softmax over [CLS] and the candidates only
+            sem_logits = sem_logits[..., torch.cat([visible.new_zeros(1), visible + 1])]
         semantic = torch.softmax(sem_logits, dim=-1)[:, :, 0].mean(1)  # (B, T)
         v_mean = v.transpose(1, 2).mean(2)  # (B, T, head_dim)
         h = layer(h, None)
         remaining = feature_layer - idx - 1
-        if h.shape[1] <= target:
+        cols = slice(None) if visible is None else visible  # the candidates: all, or the visible until the first cut
+        current = h.shape[1] if visible is None else len(visible) + 1
+        if current <= target:
             continue
-        a = probs[:, :, 0, 1:].mean(1)
+        a = probs[:, :, 0, 1:].mean(1)[:, cols]
         s = semantic[:, 1:]
-        score = (a / a.sum(-1, keepdim=True) + s / s.sum(-1, keepdim=True)) * v_mean[:, 1:].abs().sum(-1)
+        score = (a / a.sum(-1, keepdim=True) + s / s.sum(-1, keepdim=True)) * v_mean[:, 1:].abs().sum(-1)[:, cols]
         cum = score.clone() if cum is None else 0.5 * cum + 0.5 * score
         if remaining % every:
             continue
@@ -63,12 +70,15 @@ def oracle(tower, pv, k, every=2, scale_semantic=False, with_cls=False, batch_ma
                 per_image = per_image.max().expand(b)
             drops = [int(r.round()) for r in per_image]
         else:
-            drops = [h.shape[1]] * b
-        counts = {max(h.shape[1] - d, target) for d in drops}
+            drops = [current] * b
+        counts = {max(current - d, target) for d in drops}
         assert len(counts) == 1, "a batch of different counts: run the images one at a time"
         keep = cum.topk(counts.pop() - 1, dim=1).indices.sort(dim=1).values
+        cum = cum.gather(1, keep)
+        if visible is not None:  # candidate positions -> patch positions
+            keep, visible = visible[keep], None
         h = torch.cat([h[:, :1], h[:, 1:].gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))], dim=1)
-        cum, orig = cum.gather(1, keep), orig.gather(1, keep)
+        orig = orig.gather(1, keep)
     return orig, h[:, 1:]
 
 

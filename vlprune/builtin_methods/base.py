@@ -186,12 +186,13 @@ class Method:
         """Signals the method reads at one plan layer (``layer`` is non-negative)."""
         return []
 
-    def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int,
+    def encoder_step(self, layer: int, remaining: int, signals: dict, state, target: int | list[int],
                      counts: list[int] | None = None):  # pragma: no cover
         """Look at ``layer``'s signals and maybe prune after it. Returns (indices of the current patch tokens
         to keep, (B, t'), or None to keep them all; the new state, aligned with the survivors; the number
         of real tokens each image now has). ``remaining`` = layers from ``layer`` to the last plan layer
-        (0 = last: must reach ``target`` patches). ``counts`` (None: all t are real) says how many of
+        (0 = last: must reach ``target`` patches; a list: one target per row, e.g. LLaVA-NeXT's views, each
+        to its quota). ``counts`` (None: all t are real) says how many of
         each image's t tokens are real in a batch whose images keep different counts: its rows are padded
         to the longest, real tokens first (ascending), and the patcher masks the padding in attention.
         The patcher keeps [CLS]."""

@@ -92,12 +92,12 @@ class FlowCut(Method):
         density = values.mean(1).abs().sum(-1)
         return (attn + sem) * density, attn
 
-    def prune_counts(self, attn: torch.Tensor, counts: list[int], remaining: int, target: int) -> list[int]:
+    def prune_counts(self, attn: torch.Tensor, counts: list[int], remaining: int, targets: list[int]) -> list[int]:
         """Patches each image drops now: the entropy-adaptive P, per image (``counts`` real tokens each)."""
         n = torch.tensor(counts if self.entropy_max == "patches" else [c + 1 for c in counts],
                          dtype=torch.float32, device=attn.device)
         entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1)
-        scale = torch.tensor([(c - target) / math.sqrt(remaining) for c in counts], device=attn.device)
+        scale = torch.tensor([(c - t) / math.sqrt(remaining) for c, t in zip(counts, targets)], device=attn.device)
         drops = (scale * (1.0 - (entropy / n.log()) ** 2)).round()
         drops = drops.tolist()  # host sync: the counts decide the shape of every later layer
         if not all(math.isfinite(d) for d in drops):
@@ -109,7 +109,8 @@ class FlowCut(Method):
         b, _, t = signals[Signal("cls_attention", layer)].shape
         device = signals[Signal("cls_attention", layer)].device
         counts = [t] * b if counts is None else counts
-        if max(counts) <= target:  # already at the budget: the released code stops scoring too
+        targets = [target] * b if isinstance(target, int) else list(target)  # one per row: NeXT's view quotas
+        if all(c <= q for c, q in zip(counts, targets)):  # at the budget: the released code stops scoring too
             return None, state, counts
         valid = leading(counts, t, device) if min(counts) < t else None
         score, attn = self.layer_score(layer, signals, valid)
@@ -117,10 +118,10 @@ class FlowCut(Method):
         if remaining % self.every:
             return None, cum, counts
         if remaining == 0:
-            new = [target] * b
+            new = targets
         else:
-            drops = self.prune_counts(attn, counts, remaining, target)
-            new = [c if c <= target else max(c - d, target) for c, d in zip(counts, drops)]
+            drops = self.prune_counts(attn, counts, remaining, targets)
+            new = [c if c <= q else max(c - d, q) for c, d, q in zip(counts, drops, targets)]
         width = max(new)
         ranked = cum if valid is None else cum.masked_fill(~valid, float("-inf"))
         top = ranked.topk(width, dim=-1).indices  # best first
