@@ -21,6 +21,7 @@ Signals (per vision block, from the block's q/k/v, q and k after the vision rota
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
@@ -140,15 +141,17 @@ def _units(per_patch: torch.Tensor) -> torch.Tensor:
 
 
 class InEncoderPruning:
-    """Stage ``in_encoder`` (FlowCut) on Qwen2.5-VL's tower: whole 2x2 units leave between vision blocks,
-    the rotary tables and window boundaries (``cu_seqlens``) shrink with them and emptied windows vanish;
-    the merger's output is scattered back to the full unit count (pruned units stay zero, never read)."""
+    """Stage ``in_encoder`` (FlowCut) on Qwen2.5-VL's tower, every image of a call in one pass: whole 2x2
+    units leave between vision blocks, each image at its own count (the method sees the images' units
+    padded to the longest, real first); the rotary tables, the windows and the full-attention segments
+    (``cu_seqlens``) shrink with them and emptied windows vanish; the merger's output is scattered back
+    to the full unit count (pruned units stay zero, never read)."""
 
     def __init__(self, inner, method, ledger):
         self.inner, self.method = inner, method
         self.visual = inner.visual
         self.vcfg, self.blocks = self.visual.config, self.visual.blocks
-        self._enc = None  # the image being encoded: its surviving units, scores, target, windows
+        self._enc = None  # the call being encoded: surviving units, counts, scores, targets, windows
         depth = len(self.blocks)
         self.feature_layer = depth - 1  # the merger reads the last block's output
         self.plan = method.encoder_plan(self.feature_layer)
@@ -170,37 +173,46 @@ class InEncoderPruning:
         hidden = args[0] if args else kwargs["hidden_states"]
         if idx - 1 in self.plan:  # prune after block idx - 1
             layer = idx - 1
-            keep, state["score"], _ = self.method.encoder_step(
-                layer, self.plan[-1] - layer, self._current_signals(), state["score"], state["target"])
-            if keep is not None:
-                keep = keep[0]
-                state["units"] = state["units"][keep]
-                hidden = hidden.view(-1, 4, hidden.shape[-1])[keep].reshape(-1, hidden.shape[-1])
+            counts = state["counts"]
+            keep, state["score"], new = self.method.encoder_step(
+                layer, self.plan[-1] - layer, self._padded_signals(counts), state["score"], state["target"], counts)
+            if keep is not None:  # each image's first new[i] positions, back to the packed sequence
+                starts = [0, *itertools.accumulate(counts)]
+                flat = torch.cat([keep[i, :c] + starts[i] for i, c in enumerate(new)])
+                state["units"], state["counts"] = state["units"][flat], new
+                hidden = hidden.view(-1, 4, hidden.shape[-1])[flat].reshape(-1, hidden.shape[-1])
+                self.taps.bounds = [0, *itertools.accumulate(4 * c for c in new)]
         units = state["units"]
         patches = (units[:, None] * 4 + torch.arange(4, device=units.device)).reshape(-1)
-        new = dict(kwargs)
+        new_kw = dict(kwargs)
         if args:
             args = (hidden, *args[1:])
         else:
-            new["hidden_states"] = hidden
-        cos, sin = new["position_embeddings"]
-        new["position_embeddings"] = (cos[patches], sin[patches])
-        if idx in self.full_blocks:
-            sizes = torch.tensor([units.numel()], device=units.device)
+            new_kw["hidden_states"] = hidden
+        cos, sin = new_kw["position_embeddings"]
+        new_kw["position_embeddings"] = (cos[patches], sin[patches])
+        if idx in self.full_blocks:  # one segment per image
+            sizes = torch.tensor(state["counts"], device=units.device)
         else:  # windows keep their surviving units; emptied windows vanish
             sizes = torch.bincount(state["window_of"][units], minlength=state["windows"])
             sizes = sizes[sizes > 0]  # host sync: an emptied window leaves cu_seqlens (its length is a shape)
-        cu = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
-        new["cu_seqlens"] = cu
-        if new.get("max_seqlen") is not None:
-            new["max_seqlen"] = int(sizes.max()) * 4  # host sync: flash attention takes the longest segment
-        return args, new
+        new_kw["cu_seqlens"] = torch.nn.functional.pad((sizes * 4).cumsum(0), (1, 0)).to(torch.int32)
+        if new_kw.get("max_seqlen") is not None:
+            new_kw["max_seqlen"] = int(sizes.max()) * 4  # host sync: flash attention takes the longest segment
+        return args, new_kw
 
-    def _current_signals(self) -> dict:
-        """Taps of the current (shortened, window-ordered) sequence of one image, as (1, ...) tensors."""
+    def _padded_signals(self, counts: list[int]) -> dict:
+        """The taps of the current (shortened, window-ordered) packed sequence as the method reads a batch:
+        per-unit kinds (images, heads, longest count[, d]), each image's units first, zeros after."""
         out = {}
         for req, value in self.taps.take().items():
-            out[req] = value if req.kind not in PER_UNIT else value[None]
+            if req.kind not in PER_UNIT:  # the global token's: (images, heads, d) already
+                out[req] = value
+                continue
+            padded = value.new_zeros(len(counts), value.shape[0], max(counts), *value.shape[2:])
+            for i, (start, c) in enumerate(zip(itertools.accumulate([0, *counts]), counts)):
+                padded[i, :, :c] = value[:, start : start + c]
+            out[req] = padded
         return out
 
     def _after_merger(self, _module, _args, output):
@@ -212,33 +224,31 @@ class InEncoderPruning:
         return full
 
     def encode(self, pixel_values, grid_thw, sizes, ks):
-        """(features output, selections): the tower on one image at a time (adaptive counts would make a
-        batch ragged inside it), ``ks[i]`` units of image i surviving."""
-        chunks = pixel_values.split([t * h * w for t, h, w in grid_thw.tolist()])  # host sync: layout metadata
+        """(features output, selections): the tower once over every image, ``min(ks[i], sizes[i])`` units of
+        image i surviving."""
+        layout = window_layout(grid_thw, self.vcfg)
+        windows = layout["cu_windows"]
+        total, device = sum(sizes), pixel_values.device
+        window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
+                                            windows[1:] - windows[:-1], output_size=total)
+        targets = [min(k, n) for k, n in zip(ks, sizes)]
+        self._enc = {"units": torch.arange(total, device=device), "score": None, "target": targets,
+                     "counts": list(sizes), "total": total, "window_of": window_of.to(device),
+                     "windows": len(windows) - 1}
+        self.taps.bounds = [0, *itertools.accumulate(layout["patches"])]
+        try:
+            out = self.inner.get_image_features(pixel_values, grid_thw, return_dict=True)
+            units, counts = self._enc["units"], self._enc["counts"]
+        finally:
+            self._enc, self.taps.bounds = None, None
+            self.taps.take()
+        if counts != targets:
+            raise RuntimeError(f"{self.method.name} left {counts} units per image, expected {targets}")
         outputs, selections = [], []
-        for i, (chunk, n, k) in enumerate(zip(chunks, sizes, ks)):
-            grid = grid_thw[i : i + 1]
-            if k >= n:
-                out = self.inner.get_image_features(chunk, grid, return_dict=True)
-                outputs.append(out.pooler_output[0])
-                selections.append(Selection(torch.arange(n, device=chunk.device)[None]))
-                continue
-            layout = window_layout(grid, self.vcfg)
-            windows = layout["cu_windows"]
-            window_of = torch.repeat_interleave(torch.arange(len(windows) - 1, device=windows.device),
-                                                windows[1:] - windows[:-1], output_size=n)
-            self._enc = {"units": torch.arange(n, device=chunk.device), "score": None, "target": k,
-                         "total": n, "window_of": window_of.to(chunk.device), "windows": len(windows) - 1}
-            try:
-                out = self.inner.get_image_features(chunk, grid, return_dict=True)
-                units = self._enc["units"]
-            finally:
-                self._enc = None
-                self.taps.take()
-            if units.numel() != k:
-                raise RuntimeError(f"{self.method.name} left {units.numel()} units, expected {k}")
-            kept = layout["window_index"][units].sort().values  # window order -> raster order
-            outputs.append(out.pooler_output[0][kept])
+        starts, offsets = itertools.accumulate([0, *counts]), itertools.accumulate([0, *sizes])
+        for feats, start, offset, c in zip(out.pooler_output, starts, offsets, counts):
+            kept = (layout["window_index"][units[start : start + c]] - offset).sort().values  # -> raster
+            outputs.append(feats[kept])
             selections.append(Selection(kept[None]))
         out.pooler_output = tuple(outputs)
         return out, selections

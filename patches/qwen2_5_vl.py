@@ -1,7 +1,7 @@
 """HF ``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL: windowed ViT without [CLS], 2x2 PatchMerger, M-RoPE).
 
-Where pruning happens. The vision tower runs unchanged on every image (for ``in_encoder`` methods: one image
-at a time, on fewer tokens after each prune step). Selection acts on the **merged** tokens the PatchMerger
+Where pruning happens. The vision tower runs unchanged on every image (for ``in_encoder`` methods: on all
+images at once, each on fewer tokens after each prune step). Selection acts on the **merged** tokens the PatchMerger
 emits (one per 2x2 patch unit) - the "projector" point of this family - for methods of stage "encoder"
 and "projector" alike, so merging methods (``visionzip``, ``prumerge_plus``, ``pool``) average merged
 (projected) features here. Budgets, ``handle.last`` and kept indices count merged tokens; ``kept`` are

@@ -595,6 +595,22 @@ def test_flowcut_later_blocks_run_on_fewer_units_in_shrunken_windows(qwen):
     assert h.last[0].after == 3
 
 
+def test_flowcut_encodes_a_batch_of_different_sizes_in_one_pass(qwen):
+    """Images of different sizes (16 and 15 units) go through the tower together, each cut to its own count:
+    the last block's full-attention segments are the images' kept units."""
+    batch = inputs(*TWO_SIZES)
+    seen = []
+    last = qwen.model.visual.blocks[-1]
+    with vlprune.pruned(qwen, "flowcut", keep=3) as h:  # the hook after vlprune's: it sees the shortened call
+        hook = last.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw["cu_seqlens"].tolist()), with_kwargs=True)
+        try:
+            run(qwen, batch)
+        finally:
+            hook.remove()
+    assert seen == [[0, 12, 24]]  # one pass; two images of 3 units (12 patches) each
+    assert [(r.before, r.after) for r in h.last] == [(16, 3), (15, 3)]
+
+
 # -- errors and pass-through ------------------------------------------------------------------------
 def test_errors_are_clear(qwen):
     batch = inputs(TWO_SIZES[0])
