@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in one go, at any commit: the test suite on CUDA (with the sync guard), then
-# vlprune-bench for llava15 (batch 1 and 8), llava-next and qwen2_5_vl in bf16. Everything it prints
+# vlprune-bench for llava15 (batch 1 and 8), llava-next and qwen2_5_vl in bf16, judged against issue #15's
+# targets (scripts/bench_targets.py). Everything it prints
 # lands in $OUT (default ./gpu-check-out): one summary and one tarball, small enough for a device run.
 #
 #   scripts/gpu-wheels.sh                 # here, with PyPI: wheels the GPU image lacks -> .gpu-wheels/
@@ -63,6 +64,12 @@ bench llava15-b1 --geometry llava15 --dtype $dtype
 bench llava15-b8 --geometry llava15 --dtype $dtype --batch 8 --keeps 64 --repeats 5 --new-tokens 4
 bench llava-next --geometry llava-next --dtype $dtype
 bench qwen2_5_vl --geometry qwen2_5_vl --dtype $dtype
+
+# -- issue #15's speed targets, judged from what the benchmarks wrote (PASS / NOISE / FAIL per row) ---------
+for json in "$LOG"/*/bench.json; do
+    [ -f "$json" ] && $PY -P scripts/bench_targets.py "$json" >>"$LOG/targets.txt" 2>&1
+done
+[ -f "$LOG/targets.txt" ] && { echo "targets:"; cat "$LOG/targets.txt"; } | tee -a "$LOG/summary.txt"
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" gpu-check
 cp "$LOG/summary.txt" "$LOG/device.txt" "$OUT/"

@@ -350,3 +350,30 @@ def test_support_table_loads_the_patchers_itself():
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "yes"
     assert "VlpruneError no patcher for model class 'NoSuchModel'" in out and "LlavaForConditionalGeneration" in out
+
+
+def test_targets_script_judges_rows_against_the_issue_targets(tmp_path):
+    """scripts/bench_targets.py: PASS at or under a target, NOISE over it but within the ideal's range, FAIL
+    otherwise (exit 1); fastv against its FLOPs prediction, damro's generate against the unpruned one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "bench_targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    base = {"keep": 64, "geometry": "llava15", "batch": 8, "dtype": "bfloat16", "device": "cpu"}
+    rows = [{**base, "method": "unpruned", "generate_vs_unpruned": 1.0},
+            {**base, "method": "ideal", "vs_ideal": 1.0},
+            {**base, "method": "fastervlm", "vs_ideal": 1.05, "vs_ideal_noise": False},
+            {**base, "method": "pool", "vs_ideal": 1.08, "vs_ideal_noise": True},
+            {**base, "method": "flowcut", "vs_ideal": 1.02, "vs_ideal_noise": False},
+            {**base, "method": "fastv", "vs_ideal": 1.5, "vs_flops_predicted": 1.04},
+            {**base, "method": "damro", "generate_vs_unpruned": 1.4},
+            {**base, "method": "visual_exit"}]
+    got = {line.split()[1]: verdict for verdict, line in targets.verdicts(rows)}
+    assert got == {"fastervlm": "PASS", "pool": "NOISE", "flowcut": "FAIL", "fastv": "PASS", "damro": "FAIL"}
+    (tmp_path / "bench.json").write_text(json.dumps(rows))
+    assert targets.main([str(tmp_path / "bench.json")]) == 1
+    (tmp_path / "ok.json").write_text(json.dumps(rows[:4]))
+    assert targets.main([str(tmp_path / "ok.json")]) == 0
