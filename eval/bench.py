@@ -64,9 +64,11 @@ def _sync(device):
 
 @dataclass
 class Timing:
-    """Timed calls, in ms: their median, range and count."""
+    """Timed calls, in ms: their median, range and count; ``paired``: the reference's calls timed alternately
+    with them (a machine that drifts during a run moves both alike)."""
 
     samples: list[float]
+    paired: "Timing | None" = None
 
     @property
     def median(self) -> float:
@@ -92,23 +94,30 @@ class Timing:
 TIGHT = 0.03  # a run stops repeating once its range is within 3 % of its median (after at least 3 calls)
 
 
-def time_ms(fn, device, repeats: int, warmup: int = 1, least: int = 3) -> Timing:
+def _once(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_ms(fn, device, repeats: int, warmup: int = 1, least: int = 3, ref=None) -> Timing:
     """Up to ``repeats`` timed calls after ``warmup``: fewer when the first ``least`` already agree within
-    ``TIGHT`` (a GPU's calls usually do; a shared CPU's do not)."""
+    ``TIGHT`` (a GPU's calls usually do; a shared CPU's do not). ``ref``: a reference call timed before
+    each of them (``Timing.paired``), so their ratio is not the machine's drift between two rows."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        samples = []
+        samples, ref_samples = [], []
         for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples.append((time.perf_counter() - t0) * 1e3)
+            if ref is not None:
+                ref_samples.append(_once(ref, device))
+            samples.append(_once(fn, device))
             med = statistics.median(samples)
             if len(samples) >= least and max(samples) - min(samples) <= TIGHT * med:
                 break
-    return Timing(samples)
+    return Timing(samples, Timing(ref_samples) if ref is not None else None)
 
 
 
@@ -182,8 +191,9 @@ class PeakMemory:
         return False
 
 
-def measure(model, prefill, generate, args, geo) -> dict:
-    """Latencies, peak memory, LM length and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures)."""
+def measure(model, prefill, generate, args, geo, ideal=None) -> dict:
+    """Latencies, peak memory, LM length and FLOPs of one setting (``prefill()`` / ``generate(**kw)`` closures);
+    ``ideal``: the ideal's prefill, timed alternately with this one's."""
     device = args.device
     rec = geo.recorder(model)
     try:  # the warm-up run also records the lengths each layer sees
@@ -193,8 +203,10 @@ def measure(model, prefill, generate, args, geo) -> dict:
         lm_tokens = (rec.decoder[0][1], rec.decoder[-1][1]) if rec.decoder else (0, 0)
     finally:
         rec.close()
-    timed = time_ms(prefill, device, args.repeats, warmup=0)
+    timed = time_ms(prefill, device, args.repeats, warmup=0, ref=ideal)
     stats = prefill_stats(timed)
+    if timed.paired is not None:
+        stats["paired_ideal_ms"] = timed.paired.samples
     with PeakMemory(device) as mem, torch.inference_mode():
         prefill()
     new = args.new_tokens
@@ -301,13 +313,17 @@ def run(args) -> list[dict]:
         add("ideal", k, measure(model, ideal, ideal, args, geo))
         eager = geo.eager_reference(model, inputs, k)
         if eager is not None:
-            add("eager-reference", k, measure(model, eager, eager, args, geo))
+            add("eager-reference", k, measure(model, eager, eager, args, geo, ideal))
         for method in methods:
             budget = {"keep": k} if get_method(method).budgeted else {}
             if not budget and k != args.keeps[0]:
                 continue  # not budgeted: one run is enough
             with vlprune.pruned(model, method, **budget, **weights_option(method, args.weights)) as h:
-                stats = measure(model, plain, plain, args, geo)
+                def unpatched_ideal(h=h):  # the ideal's calls, between this method's, on the unpatched model
+                    with h.disabled():
+                        return ideal()
+
+                stats = measure(model, plain, plain, args, geo, unpatched_ideal if budget else None)
                 stats["kept"] = h.last[0].after
             if budget and stats["kept"] != k:
                 raise RuntimeError(f"{method} kept {stats['kept']} visual tokens of an image, budget {k}")
@@ -323,11 +339,13 @@ def run(args) -> list[dict]:
         r["generate_vs_unpruned"] = r["generate_ms"] / unpruned["generate_ms"]
         if r["keep"] in ideal:
             i = ideal[r["keep"]]
+            # against the ideal calls timed alternately with this row's where there are some, else the ideal row
+            i = prefill_stats(Timing(r["paired_ideal_ms"])) if "paired_ideal_ms" in r else i
             r["vs_ideal"] = r["prefill_ms"] / i["prefill_ms"]
             # the two ranges of timed calls overlap: the difference from the ideal is within the noise
             r["vs_ideal_noise"] = r["prefill_low_ms"] <= i["prefill_high_ms"] and i["prefill_low_ms"] <= r["prefill_high_ms"]
-            r["scoring_share"] = max(0.0, r["prefill_ms"] - ideal[r["keep"]]["prefill_ms"]) / r["prefill_ms"]
-            predicted = flops_predicted_ms(r, i, unpruned)
+            r["scoring_share"] = max(0.0, r["prefill_ms"] - i["prefill_ms"]) / r["prefill_ms"]
+            predicted = flops_predicted_ms(r, {**ideal[r["keep"]], "prefill_ms": i["prefill_ms"]}, unpruned)
             if predicted is not None:
                 r["flops_predicted_ms"], r["vs_flops_predicted"] = predicted, r["prefill_ms"] / predicted
         if r["keep"] in eager:
@@ -371,7 +389,9 @@ def markdown(rows, args) -> str:
              "ideal: the vision side as unpruned, the LM fed the first k visual tokens, no scoring "
              "(definitions per family in vlprune.eval.geometries)",
              "prefill ms: the median of n timed calls (their range in brackets; repeats stop early once the range is "
-             f"within {TIGHT:.0%} of the median; the ideal is timed before and after the methods, pooled); ≈ before × ideal: the ranges of this row and its ideal overlap, so "
+             f"within {TIGHT:.0%} of the median; the ideal row is timed before and after the methods, pooled); × ideal: "
+             "against the ideal's calls timed alternately with the row's (paired: a machine drifting during the run "
+             "moves both alike); ≈ before × ideal: the ranges of this row and its ideal overlap, so "
              "the difference is within the timing noise",
              "× FLOPs-predicted (only where a row's FLOPs differ from its ideal's): prefill ms over what its FLOPs "
              "predict on the line through the ideal's and the unpruned model's (FLOPs, ms); 1.00 = it costs its FLOPs, "

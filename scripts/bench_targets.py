@@ -52,10 +52,10 @@ def main(paths: list[str]) -> int:
     for path in paths:
         rows = json.loads(open(path).read())
         r0 = rows[0]
-        print(f"{path}: {r0['geometry']}, batch {r0['batch']}, {r0['dtype']}, on {r0['device']}")
-        for verdict, line in verdicts(rows):
+        print(f"`{path}`: {r0['geometry']}, batch {r0['batch']}, {r0['dtype']}, on {r0['device']}\n")
+        for verdict, line in verdicts(rows):  # a Markdown list, readable as text too
             failed |= verdict == "FAIL"
-            print("  " + line)
+            print(f"- `{line}`")
     return 1 if failed else 0
 
 
