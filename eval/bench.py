@@ -417,7 +417,7 @@ def plot(rows, path: Path) -> None:
             values = [next(r[key] for r in rows if r["method"] == m) for m in methods]
             ax.bar(range(len(methods)), values, color=[colors(i % 20) for i in range(len(methods))])
             ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
-            ax.set_xlabel(f"method at {keeps[0]} visual tokens")
+            ax.set_xlabel(f"method (budgeted ones at {keeps[0]} visual tokens)")
         else:
             for i, method in enumerate(methods):
                 pts = sorted((r["keep"], r[key]) for r in rows if r["method"] == method)
