@@ -58,6 +58,16 @@ def reorder_signals(signals: dict, order: torch.Tensor) -> dict:
     return {s: (one(v) if s.kind in TOKEN_KINDS else v) for s, v in signals.items()}
 
 
+def apply_cut(state: dict, hidden: torch.Tensor, keep: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """An in-encoder cut on ``hidden`` (B, 1+t, D): [CLS] and the ``keep`` (B, t') patch tokens stay, and
+    ``state``'s survivors (``orig``), ``counts``, real tokens (``real``) and additive padding mask (``mask``,
+    (B, 1, T, T) or None) follow them. Returns the new hidden states."""
+    state["orig"], state["counts"] = state["orig"].gather(1, keep), counts
+    state["real"] = real_tokens(counts, keep.shape[1], hidden.device)
+    state["mask"] = padding_mask(state["real"], hidden.dtype)
+    return torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
+
+
 class TowerPruning:
     def __init__(self, patcher, layers, projector=None, feature_layer: int | None = None):
         """``feature_layer``: the encoder layer whose output the projector reads (in_encoder methods only)."""
@@ -119,10 +129,7 @@ class TowerPruning:
         state = self.state
         keep, state["score"], counts = self._step(layer, self.taps.take(), state)
         if keep is not None:  # the real tokens and the mask hiding the padding change only at a cut
-            state["orig"], state["counts"] = state["orig"].gather(1, keep), counts
-            hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
-            state["real"] = real_tokens(counts, keep.shape[1], hidden.device)
-            state["mask"] = padding_mask(state["real"], hidden.dtype)
+            hidden = apply_cut(state, hidden, keep, counts)
         mask = state["mask"]
         if keep is None and mask is None:  # the method only updated its running score
             return None

@@ -46,10 +46,9 @@ from vlprune.errors import VlpruneError
 from vlprune.builtin_methods.base import Selection
 from vlprune.patcher import Patcher
 from vlprune.registry import register_patcher
-from vlprune.select import gather_tokens
-from vlprune.sequence import padding_mask, real_tokens
 
 from ._clip import OpenClipTaps, resolve_layer
+from ._tower import apply_cut
 from ._wrap import wrap_method
 
 _BLOCK_OUTPUTS = ("substitute: selects among the tower's block outputs (open_clip has no per-token projector); "
@@ -182,12 +181,9 @@ class OpenClipViT(Patcher):
         keep, call["score"], counts = self.handle.method.encoder_step(
             layer, self.plan[-1] - layer, self.taps.take(), call["score"], call["k"], call["counts"])
         if keep is not None:  # the real tokens and the mask hiding the padding change only at a cut
-            call["orig"], call["counts"] = call["orig"].gather(1, keep), counts
-            hidden = torch.cat([hidden[:, :1], gather_tokens(hidden[:, 1:], keep)], dim=1)
-            call["real"] = real_tokens(counts, keep.shape[1], hidden.device)
-            mask = padding_mask(call["real"], hidden.dtype)  # (B, 1, T, T) -> the (B * heads, T, T) blocks take
-            call["mask"] = None if mask is None else \
-                mask.expand(-1, self.blocks[0].attn.num_heads, -1, -1).flatten(0, 1)
+            hidden = apply_cut(call, hidden, keep, counts)
+            if call["mask"] is not None:  # (B, 1, T, T) -> the (B * heads, T, T) the blocks take
+                call["mask"] = call["mask"].expand(-1, self.blocks[0].attn.num_heads, -1, -1).flatten(0, 1)
         if keep is None and call["mask"] is None:  # the method only updated its running score
             return None
         if len(args) >= 4:  # (q_x, k_x, v_x, attn_mask): open_clip's checkpointed call
